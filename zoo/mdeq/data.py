@@ -1,0 +1,158 @@
+"""Datasets for MDEQ: CIFAR-10 pickles, ImageNet class folders, scikit-learn digits.
+
+Nothing is downloaded. CIFAR-10 is read from the real `cifar-10-batches-py/` pickles
+under `data.root` (the format torchvision writes, read here with `pickle`, so fixture
+files work without torchvision's MD5 check); ImageNet from the standard `train/` and
+`val/` class folders; the offline set is scikit-learn's 1797 real 8x8 digits with a
+fixed stratified 80/20 split by seed. A missing dataset is an error that names the
+files and layout expected.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, TensorDataset
+
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_FILES = ("test_batch",)
+# Recipe normalisation (TorchDEQ zoo MDEQ run.sh / the original MDEQ).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR_LAYOUT = (
+    "expected the CIFAR-10 python version under data.root:\n"
+    "  <root>/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta\n"
+    "(pickled dicts with b'data' uint8 (N, 3072) and b'labels'; the archive "
+    "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html unpacks to it). "
+    "Set data.root=/path/to/dir or run the offline experiment: +experiment=digits")
+IMAGENET_LAYOUT = (
+    "expected ImageNet in class folders under data.root:\n"
+    "  <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG\n"
+    "(1000 class folders each; the val images sorted into class folders). "
+    "Set data.root=/path/to/dir or run the offline experiment: +experiment=digits")
+
+
+@dataclass
+class DataSplits:
+    """Train/test datasets and what the model needs to know about them."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def read_cifar_batches(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) uint8 and labels (N,) int64 from the CIFAR-10 pickles."""
+    folder = os.path.join(root, CIFAR_DIR)
+    names = CIFAR_TRAIN_FILES if train else CIFAR_TEST_FILES
+    missing = [n for n in names + ("batches.meta",) if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 not found: missing {', '.join(missing)} in {folder}; "
+                                + CIFAR_LAYOUT)
+    images, labels = [], []
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        # The published (Python 2) pickles give str keys under latin1; files written by
+        # Python 3 with bytes keys (b'data') are accepted too.
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.concatenate(labels)
+
+
+class CIFAR10Pickles(Dataset):
+    """CIFAR-10 from `root/cifar-10-batches-py/`; items are (transform(PIL image), label)."""
+
+    def __init__(self, root: str, train: bool, transform: Optional[Callable] = None):
+        self.images, self.labels = read_cifar_batches(root, train)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def cifar_transforms(train: bool, augment: bool):
+    """Recipe transforms: random crop (pad 4) + horizontal flip when augmenting, then
+    ToTensor and the CIFAR normalisation."""
+    from torchvision import transforms as T
+
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if (train and augment) else []
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+
+def imagenet_transforms(train: bool, image_size: int = 224):
+    """RandomResizedCrop (area 0.1-1, aspect 0.8-1.25) + flip for training; resize 256 and
+    center crop 224 for validation; ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    if train:
+        steps = [T.RandomResizedCrop(image_size, scale=(0.1, 1.0), ratio=(0.8, 1.25)),
+                 T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def imagenet_folder(root: str, train: bool, image_size: int = 224) -> Dataset:
+    """ImageNet `root/train` or `root/val` read with torchvision's ImageFolder."""
+    from torchvision.datasets import ImageFolder
+
+    split = "train" if train else "val"
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder) or not any(os.scandir(folder)):
+        raise FileNotFoundError(f"ImageNet not found: no class folders in {folder}; " + IMAGENET_LAYOUT)
+    return ImageFolder(folder, transform=imagenet_transforms(train, image_size))
+
+
+def digits_split(seed: int, test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's digits (1797 real 8x8 images, values 0..16) as (N, 1, 8, 8) floats
+    scaled to [0, 1] then standardised with the training mean/std, with a stratified
+    train/test split fixed by `seed`."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None] / 16.0
+    labels = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, stratify=labels, random_state=seed)
+    mean, std = x_train.mean(), x_train.std()
+    return (TensorDataset(torch.from_numpy((x_train - mean) / std), torch.from_numpy(y_train)),
+            TensorDataset(torch.from_numpy((x_test - mean) / std), torch.from_numpy(y_test)))
+
+
+def build_datasets(data: Any) -> DataSplits:
+    """The datasets named by a `data` config (`name`: cifar10 | imagenet | digits)."""
+    name = data["name"] if isinstance(data, dict) else data.name
+    get = (lambda k, d=None: data.get(k, d))
+    if name == "cifar10":
+        root = get("root")
+        return DataSplits(CIFAR10Pickles(root, True, cifar_transforms(True, get("augment", True))),
+                          CIFAR10Pickles(root, False, cifar_transforms(False, False)),
+                          num_classes=10, in_channels=3, image_size=32)
+    if name == "imagenet":
+        root, size = get("root"), get("image_size", 224)
+        return DataSplits(imagenet_folder(root, True, size), imagenet_folder(root, False, size),
+                          num_classes=1000, in_channels=3, image_size=size)
+    if name == "digits":
+        train, test = digits_split(get("split_seed", 0), get("test_fraction", 0.2))
+        return DataSplits(train, test, num_classes=10, in_channels=1, image_size=8)
+    raise ValueError(f"unknown data.name {name!r}; choose cifar10, imagenet or digits")
