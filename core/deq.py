@@ -1,0 +1,306 @@
+"""The DEQ module: a fixed-point solve plus the graph that makes it trainable.
+
+`get_deq(args=None, **kw)` builds one of two graphs (TorchDEQ's names and meaning):
+
+- `sliced` (default): the solve runs in slices (`n_states` equal slices, or the segments
+  between the `indexing` steps) without autograd; after each slice a gradient functor
+  (phantom gradient, or IFT for the last one when `ift`/`hook_ift`) is applied and the
+  next slice resumes from its output. `info` covers the whole solve (TorchDEQ reports
+  only the last slice).
+- `indexing`: one solve that also returns the states at the `indexing` steps; a gradient
+  functor is attached beside the solve to each of them and to the best state.
+
+`z_out, info = deq(f, z_init, solver_kwargs=None, sradius_mode=False,
+backward_writer=None)`: `f(z)` for a tensor state, `f(*zs)` returning a tuple for a
+list/tuple state; `z_out` is a list of states (the last is the best estimate).
+
+In evaluation mode the solve uses the eval budget and returns `[z*]`; if autograd is on
+and f depends on something that requires grad (parameters, the input: inversion and
+attacks), the configured backward is attached to z* as in training, so the output is
+differentiable (TorchDEQ returns a detached one). Under `torch.no_grad()` nothing is
+attached.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from core.config import DEQConfig
+from core.grad import State, state_tensors, backward_factory, detach_state, make_pair
+from core.solvers import get_solver
+from core.solvers.stat import solver_stat_from_final_step
+from core.utils.flatten import pack, unpack
+
+__all__ = ["DEQBase", "DEQSliced", "DEQIndexing", "get_deq", "register_deq", "reset_deq"]
+
+# Call-time solver_kwargs keys that override the module's budget / tolerance / stop mode.
+_BUDGET_KEYS = ("f_max_iter", "max_iter")
+_TOL_KEYS = ("f_tol", "tol")
+_STOP_KEYS = ("f_stop_mode", "stop_mode")
+
+
+def _solver(name: str, option: str) -> Callable:
+    from core.solvers import solvers as registered  # noqa: F401  (registry listing below)
+
+    try:
+        return get_solver(name)
+    except (KeyError, ValueError, AssertionError):
+        raise ValueError(f"deq.{option}={name!r} is not a registered solver; "
+                         f"choose one of {', '.join(sorted(registered()))}") from None
+
+
+class _UserFunc:
+    """f in the solvers' convention: one argument with the structure of the state.
+
+    A tensor state calls `f(z)`; a list/tuple state calls `f(*zs)` and expects a
+    list/tuple back (TorchDEQ's convention), handled as a tuple inside.
+    """
+
+    __slots__ = ("func", "multi")
+
+    def __init__(self, func: Callable, multi: bool):
+        self.func, self.multi = func, multi
+
+    def __call__(self, z: State) -> State:
+        if not self.multi:
+            return self.func(z)
+        return tuple(self.func(*z))
+
+    def to_user(self, z: State):
+        return list(z) if self.multi else z
+
+
+class DEQBase(nn.Module):
+    """Options, solvers and gradient functors shared by the two graphs.
+
+    Every option is read once, here, through `DEQConfig.from_any(args, **kwargs)` and
+    validated; the forward only looks up attributes.
+    """
+
+    def __init__(self, args: Any = None, **kwargs: Any):
+        super().__init__()
+        cfg = DEQConfig.from_any(args, **kwargs)
+        self.args = cfg
+        self.f_solver = _solver(cfg.f_solver, "f_solver")
+        self.b_solver = _solver(cfg.b_solver, "b_solver")
+        self.no_stat = cfg.stat_off()
+        self.f_max_iter, self.b_max_iter = cfg.f_max_iter, cfg.b_max_iter
+        self.f_tol, self.b_tol = cfg.f_tol, cfg.b_tol
+        self.f_stop_mode, self.b_stop_mode = cfg.f_stop_mode, cfg.b_stop_mode
+        self.eval_f_max_iter = cfg.eval_max_iter()
+        self.f_solver_kwargs = dict(cfg.f_solver_kwargs)
+        self.ift = bool(cfg.ift or cfg.hook_ift)
+        self.indexing = self._compute_f_iter(self.f_max_iter)
+        grads = make_pair(self.indexing, cfg.grad_list())
+        sup = dict(tau=float(cfg.tau), sup_gap=cfg.sup_gap, sup_loc=cfg.sup_loc)
+        self.produce_grad = [backward_factory(grad_type=g, **sup) for g in grads]
+        if self.ift:
+            b_kwargs = dict(cfg.b_solver_kwargs, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.b_stop_mode)
+            self.produce_grad[-1] = backward_factory("ift", hook_ift=cfg.hook_ift, b_solver=self.b_solver,
+                                                     b_solver_kwargs=b_kwargs)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _compute_f_iter(self, f_max_iter: int) -> List[int]:
+        raise NotImplementedError
+
+    def _train_graph(self, func, z0, budget, solver_kwargs, writer):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ helpers
+    def _solve(self, func, z0, max_iter, solver_kwargs, indexing=None):
+        """The forward solver without autograd; (z*, states at indexing, info)."""
+        with torch.no_grad():
+            return self.f_solver(func, z0, max_iter=max_iter, indexing=indexing, **solver_kwargs)
+
+    def _call_options(self, solver_kwargs: Optional[Dict[str, Any]], training: bool):
+        """(budget, kwargs for the solver) for one call; solver_kwargs override the module."""
+        kwargs = dict(self.f_solver_kwargs, tol=self.f_tol, stop_mode=self.f_stop_mode)
+        budget = self.f_max_iter if training else self.eval_f_max_iter
+        for key, value in (solver_kwargs or {}).items():
+            if key in _BUDGET_KEYS:
+                budget = int(value)
+            elif key in _TOL_KEYS:
+                kwargs["tol"] = value
+            elif key in _STOP_KEYS:
+                kwargs["stop_mode"] = value
+            else:
+                kwargs[key] = value
+        return budget, kwargs
+
+    def _sradius(self, func, z: State) -> torch.Tensor:
+        """Per-sample spectral radius of J_f(z*) by the power method (100 iterations)."""
+        from core.reg import power_method
+
+        z_vec, layout = pack(z)
+        with torch.enable_grad():
+            z_vec = z_vec.detach().requires_grad_()
+            f_vec = layout.flatten(func(unpack(z_vec, layout)))
+        _, sradius = power_method(f_vec, z_vec, n_iters=100)
+        return sradius
+
+    # ------------------------------------------------------------------------ forward
+    def forward(self, func: Callable, z_init, solver_kwargs: Optional[Dict[str, Any]] = None,
+                sradius_mode: bool = False, backward_writer: Optional[Callable] = None, **kwargs):
+        """Solve z = f(z) from z_init; return (list of states, solver info)."""
+        if kwargs:
+            raise TypeError(f"unknown DEQ forward argument(s): {', '.join(kwargs)}")
+        multi = not torch.is_tensor(z_init)
+        f = _UserFunc(func, multi)
+        z0 = detach_state(tuple(z_init) if multi else z_init)
+        budget, kw = self._call_options(solver_kwargs, self.training)
+        if self.training:
+            z_out, info = self._train_graph(f, z0, budget, kw, backward_writer)
+        else:
+            z_out, info = self._eval_graph(f, z0, budget, kw, backward_writer)
+        if sradius_mode:
+            info["sradius"] = self._sradius(f, detach_state(z_out[-1]))
+        return [f.to_user(z) for z in z_out], info
+
+    def _eval_graph(self, func, z0, budget, solver_kwargs, writer):
+        if budget > 0:
+            z_star, _, info = self._solve(func, z0, budget, solver_kwargs)
+        else:
+            z_star, info = z0, None
+        if torch.is_grad_enabled():
+            z_out = self.produce_grad[-1](func, z_star, writer=writer)
+            if _depends_on_grad(z_out[-1], z_star):
+                return [z_out[-1]], info if info is not None else _step_info(func, z_star)
+        return [z_star], info if info is not None else _step_info(func, z_star)
+
+
+class DEQSliced(DEQBase):
+    """Solve in slices; a gradient functor after each slice, the next slice resumes from it."""
+
+    def _compute_f_iter(self, f_max_iter: int) -> List[int]:
+        """Slice lengths: n_states equal slices, or the segments between the indexing steps."""
+        n_states = self.args.n_states
+        if n_states > 1:
+            return [f_max_iter // n_states] * n_states
+        steps = [0, *(self.args.indexing or []), f_max_iter]
+        return [b - a for a, b in zip(steps[:-1], steps[1:])]
+
+    def _train_graph(self, func, z0, budget, solver_kwargs, writer):
+        slices = self.indexing if budget == self.f_max_iter else self._compute_f_iter(budget)
+        z, z_out, infos = z0, [], []
+        for length, produce_grad in zip(slices, self.produce_grad):
+            if length > 0:
+                z, _, info = self._solve(func, detach_state(z), length, solver_kwargs)
+                infos.append(info)
+            z_out += produce_grad(func, detach_state(z), writer=writer)
+            z = z_out[-1]
+        info = merge_infos(infos) if infos else _step_info(func, detach_state(z))
+        return z_out, info
+
+
+class DEQIndexing(DEQBase):
+    """One solve; gradient functors attached beside it at the indexing steps and at z*."""
+
+    def _compute_f_iter(self, f_max_iter: int) -> List[int]:
+        """Steps at which states are sampled; the last is the whole budget (the best state)."""
+        n_states = self.args.n_states
+        if n_states > 1:
+            n = max(min(f_max_iter, n_states), 1)
+            delta = f_max_iter // n
+            return [f_max_iter - (n - k - 1) * delta for k in range(n)]
+        return [*(self.args.indexing or []), f_max_iter]
+
+    def _train_graph(self, func, z0, budget, solver_kwargs, writer):
+        indexing = self.indexing if budget == self.f_max_iter else self._compute_f_iter(budget)
+        if budget > 0:
+            # The last sampled state is the solver's best, not the state at step `budget`.
+            z_star, states, info = self._solve(func, z0, budget, solver_kwargs, indexing=indexing[:-1] or None)
+        else:
+            z_star, states, info = z0, [z0] * (len(indexing) - 1), None
+        z_out = []
+        for z, produce_grad in zip([*(states or []), z_star], self.produce_grad):
+            z_out += produce_grad(func, detach_state(z), writer=writer)
+        return z_out, info if info is not None else _step_info(func, detach_state(z_out[-1]))
+
+
+# --------------------------------------------------------------------------- info
+def merge_infos(infos: Sequence[dict]) -> dict:
+    """One info for consecutive solves: traces concatenated, lowest over slices, counts summed."""
+    if len(infos) == 1:
+        return infos[0]
+    merged = dict(infos[-1])
+    for key in ("abs_lowest", "rel_lowest"):
+        if all(key in i for i in infos):
+            merged[key] = torch.stack([i[key] for i in infos]).amin(dim=0)
+    for key in ("abs_trace", "rel_trace"):
+        if all(key in i for i in infos):
+            merged[key] = torch.cat([i[key] for i in infos], dim=-1)
+    for key in ("nstep", "nfe", "n_fallback"):
+        if all(key in i for i in infos):
+            merged[key] = sum(i[key] for i in infos)
+    return merged
+
+
+def _step_info(func, z: State) -> dict:
+    """Statistics of one step f(z) - z, for a call that ran no solver (f_max_iter = 0)."""
+    with torch.no_grad():
+        info = solver_stat_from_final_step(z, func(z))
+    info.update(nfe=1, n_fallback=torch.zeros((), dtype=torch.long, device=info["abs_lowest"].device))
+    return info
+
+
+def _depends_on_grad(out: State, z_star: State) -> bool:
+    """Does out's graph reach a leaf requiring grad other than (a detached alias of) z*?
+
+    Used in evaluation mode: the IFT graph always reaches its own leaf z*, which does not
+    count; any other leaf (a parameter of f, an input) means the caller wants gradients.
+    """
+    own = {t.data_ptr() for t in state_tensors(z_star)}
+    stack = [t.grad_fn for t in state_tensors(out) if t.grad_fn is not None]
+    stack += [t for t in state_tensors(out) if t.requires_grad and t.grad_fn is None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if torch.is_tensor(node):
+            if node.data_ptr() not in own:
+                return True
+            continue
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if variable.data_ptr() not in own:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+# ------------------------------------------------------------------------ registry
+_CORES: Dict[str, type] = {"sliced": DEQSliced, "indexing": DEQIndexing}
+
+
+def register_deq(deq_type: str, core: type) -> None:
+    """Make `get_deq(core=deq_type)` build `core` (a DEQBase subclass).
+
+    The name is also added to the `core` values that DEQConfig.validate accepts.
+    """
+    from core import config
+
+    _CORES[deq_type] = core
+    if deq_type not in config.CORES:
+        config.CORES = (*config.CORES, deq_type)
+
+
+def get_deq(args: Any = None, **kwargs: Any) -> DEQBase:
+    """The DEQ module named by the `core` option ('sliced' by default), from args and/or kwargs."""
+    cfg = DEQConfig.from_any(args, **kwargs)
+    if cfg.core not in _CORES:
+        raise ValueError(f"deq.core={cfg.core!r} is not registered; choose one of {', '.join(_CORES)}")
+    return _CORES[cfg.core](cfg)
+
+
+def reset_deq(model: nn.Module) -> None:
+    """Reset the DEQ weight norms and variational-dropout masks of `model` (once per forward)."""
+    from core.norm import reset_norm
+    from core.utils.dropout import reset_dropout
+
+    reset_norm(model)
+    reset_dropout(model)
