@@ -1,0 +1,97 @@
+"""Type checks of composed configs, so a wrongly typed override names the option.
+
+Hydra merges a YAML config without types: ``seed=abc`` or ``train.steps=1.5`` would only
+fail deep inside a run, if at all. `check_types` validates a config node against a
+dataclass schema (OmegaConf's structured-config conversion) and raises a ``ValueError``
+that names the option, its value and the expected type. `check_runtime_options` does it
+for the shared runtime options (``configs/run_defaults.yaml``) and for the ``deq`` node
+(through ``core.config.DEQConfig``). Projects call `check_types` on their own sections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class LogOptions:
+    every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class WandbOptions:
+    mode: str = "offline"
+    project: str = "deq-zoo"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerOptions:
+    wandb: WandbOptions = field(default_factory=WandbOptions)
+
+
+@dataclass
+class CheckpointOptions:
+    every: int = 0
+    keep: int = 3
+
+
+@dataclass
+class RuntimeOptions:
+    """The shared runtime options and their types (defaults in configs/run_defaults.yaml)."""
+
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    deterministic: bool = False
+    resume: Optional[str] = None
+    ckpt: Optional[str] = None
+    log: LogOptions = field(default_factory=LogOptions)
+    logger: LoggerOptions = field(default_factory=LoggerOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
+
+
+CHOICES = {"amp": ("none", "bf16", "fp16"), "logger.wandb.mode": ("offline", "online", "disabled")}
+
+
+def check_types(cfg: DictConfig, schema: type, key: str | None = None) -> None:
+    """Raises ValueError naming the first option of ``cfg`` (or ``cfg.<key>``) whose value
+    does not fit the dataclass ``schema``; options the schema does not declare are left alone.
+    """
+    assert is_dataclass(schema)
+    node = OmegaConf.select(cfg, key) if key else cfg
+    if node is None:
+        return
+    names = {f.name for f in fields(schema)}
+    subset = OmegaConf.masked_copy(node, [k for k in node.keys() if k in names])
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), subset)
+    except OmegaConfBaseException as err:
+        full_key = getattr(err, "full_key", None) or "?"
+        if key:
+            full_key = f"{key}.{full_key}"
+        value = OmegaConf.select(cfg, full_key, default="?", throw_on_missing=False) if full_key != "?" else "?"
+        reason = str(err).splitlines()[0]
+        raise ValueError(f"option {full_key}={value!r} has the wrong type: {reason}") from None
+
+
+def check_runtime_options(cfg: DictConfig) -> None:
+    """Types and choices of the shared runtime options, and the ``deq`` node when present."""
+    check_types(cfg, RuntimeOptions)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and str(value) not in allowed:
+            raise ValueError(f"option {key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    every = OmegaConf.select(cfg, "log.every", default=None)
+    if every is not None and every < 0:
+        raise ValueError(f"option log.every={every} must be >= 0")
+    deq = cfg.get("deq") if isinstance(cfg, DictConfig) else None
+    if deq is not None:
+        from core.config import DEQConfig
+
+        DEQConfig.from_any(deq)  # raises ValueError naming the option (deq.<name>) and what it accepts

@@ -1,0 +1,133 @@
+"""Optimisers, learning-rate schedules and gradient clipping used by the zoo recipes.
+
+Config shapes (any mapping: a DictConfig node, a dict)::
+
+    optim: {name: sgd, lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 1e-4}
+    optim: {name: adam | adamw, lr: 2.5e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0}
+    sched: {name: constant | cosine | one_cycle | step,
+            warmup_steps: 0,                  # linear warm-up from 0 (constant, cosine, step)
+            eta_min: 0.0,                     # cosine floor
+            pct_start: 0.05, anneal: linear,  # one_cycle (DEQ-Flow: OneCycleLR, linear anneal)
+            div_factor: 25, final_div_factor: 1e4,
+            step_size: 1000, gamma: 0.1}      # step
+    clip: {norm: 0.25}  or  {value: 0.1}  or  {}   # by total L2 norm / by value
+
+Schedules are stepped once per optimiser step (``total_steps`` = the run's step count),
+which matches the recipes (MDEQ's per-iteration cosine, DEQ-Flow's OneCycleLR, the
+DEQ Transformer's warm-up + cosine).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "one_cycle", "step")
+
+_OPTIM_KEYS = {
+    "sgd": {"lr", "momentum", "nesterov", "weight_decay", "dampening"},
+    "adam": {"lr", "betas", "eps", "weight_decay", "amsgrad"},
+    "adamw": {"lr", "betas", "eps", "weight_decay", "amsgrad"},
+}
+
+
+def _get(cfg: Mapping[str, Any] | None, key: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | torch.nn.Module,
+                    cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """An SGD / Adam / AdamW optimiser from ``cfg`` (``name`` plus that optimiser's options)."""
+    if isinstance(params, torch.nn.Module):
+        params = [p for p in params.parameters() if p.requires_grad]
+    name = str(_get(cfg, "name", "adam")).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={name!r}: choose one of {OPTIMIZERS}")
+    unknown = set(cfg) - _OPTIM_KEYS[name] - {"name"}
+    if unknown:
+        raise ValueError(f"optim: options {sorted(unknown)} do not apply to {name}; "
+                         f"allowed: {sorted(_OPTIM_KEYS[name])}")
+    kw = {k: cfg[k] for k in _OPTIM_KEYS[name] if k in cfg and cfg[k] is not None}
+    if "lr" not in kw:
+        raise ValueError("optim.lr is required")
+    kw["lr"] = float(kw["lr"])
+    if "betas" in kw:
+        kw["betas"] = tuple(float(b) for b in kw["betas"])
+    if name == "sgd":
+        if kw.get("nesterov") and not kw.get("momentum"):
+            raise ValueError("optim.nesterov=true needs optim.momentum > 0")
+        return torch.optim.SGD(params, **kw)
+    if name == "adam":
+        return torch.optim.Adam(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def _warmup_then(fn, warmup: int):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return fn(step - warmup)
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None,
+                    total_steps: int) -> LRScheduler:
+    """A per-step learning-rate schedule (see the module docstring for the options)."""
+    name = str(_get(cfg, "name", "constant")).lower()
+    if name not in SCHEDULES:
+        raise ValueError(f"sched.name={name!r}: choose one of {SCHEDULES}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps}: a schedule needs at least one step")
+    warmup = int(_get(cfg, "warmup_steps", 0))
+    if name == "one_cycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        return OneCycleLR(
+            optimizer, max_lr=max_lrs, total_steps=total_steps,
+            pct_start=float(_get(cfg, "pct_start", 0.3)),
+            anneal_strategy=str(_get(cfg, "anneal", "linear")),
+            div_factor=float(_get(cfg, "div_factor", 25.0)),
+            final_div_factor=float(_get(cfg, "final_div_factor", 1e4)),
+            cycle_momentum=bool(_get(cfg, "cycle_momentum", False)),
+        )
+    if name == "constant":
+        return LambdaLR(optimizer, _warmup_then(lambda s: 1.0, warmup))
+    if name == "step":
+        step_size = int(_get(cfg, "step_size", max(total_steps // 3, 1)))
+        gamma = float(_get(cfg, "gamma", 0.1))
+        return LambdaLR(optimizer, _warmup_then(lambda s: gamma ** (s // step_size), warmup))
+    # cosine from the base lr to eta_min over the steps after warm-up
+    eta_min = float(_get(cfg, "eta_min", 0.0))
+    span = max(total_steps - warmup, 1)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def cosine_for(base: float):
+        floor = eta_min / base if base > 0 else 0.0
+        return _warmup_then(
+            lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, span) / span)), warmup)
+
+    return LambdaLR(optimizer, [cosine_for(b) for b in base_lrs])
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any] | None) -> float | None:
+    """Clips gradients in place by total norm (``clip.norm``) or by value (``clip.value``).
+
+    Returns the total gradient norm before clipping when clipping by norm (for logging),
+    else None. Call after ``scaler.unscale_(optimizer)`` when training in fp16.
+    """
+    if not cfg:
+        return None
+    norm = _get(cfg, "norm", None)
+    value = _get(cfg, "value", None)
+    params = [p for p in parameters if p.grad is not None]
+    if norm is not None and float(norm) > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, float(norm)))
+    if value is not None and float(value) > 0:
+        torch.nn.utils.clip_grad_value_(params, float(value))
+    return None

@@ -1,0 +1,554 @@
+"""`Run`: the runtime of one training or evaluation run, shared by the six projects.
+
+A project keeps its own training loop, or hands a step function to `Run.fit`. A whole
+``zoo/<project>/train.py``::
+
+    from zoo.common import Run, zoo_main, build_optimizer, build_scheduler
+
+    @zoo_main("mdeq")                      # configs/mdeq/config.yaml + experiment/<name>.yaml
+    def main(cfg):
+        with Run(cfg, project="mdeq") as run:      # seeds, device, DDP, out dir, logger
+            train_set, test_set = load_data(cfg.data)
+            model = run.wrap(build_model(cfg))      # .to(device), DDP under torchrun
+            optimizer = build_optimizer(model, cfg.optim)
+            scheduler = build_scheduler(optimizer, cfg.sched, cfg.train.steps)
+            batches = run.loader(train_set, batch_size=cfg.train.batch_size, shuffle=True)
+
+            def train_step(batch, step):
+                x, y = (t.to(run.device) for t in batch)
+                with run.autocast():
+                    logits, info = model(x)
+                    loss = F.cross_entropy(logits, y)
+                run.backward_step(loss, optimizer, model.parameters(), cfg.clip, scheduler)
+                return {"train/loss": loss, "deq_info": info}      # info -> deq/* diagnostics
+
+            def evaluate(step):
+                top1, info = evaluate_top1(model, test_set, run)
+                return {"test/top1": top1, "deq_info": info}
+
+            out = run.fit(model=model, optimizer=optimizer, scheduler=scheduler,
+                          train_step=train_step, batches=batches, total_steps=cfg.train.steps,
+                          evaluate=evaluate, eval_every=cfg.train.eval_every)
+            run.write_results(out.metrics, deq_stats=out.deq)
+
+    if __name__ == "__main__":
+        main()
+
+``python -m zoo.mdeq.train +experiment=cifar_tiny deq=anderson_ift seed=1`` then writes
+``outputs/mdeq/cifar_tiny/<time>/`` with ``config.yaml`` (resolved), ``metrics.jsonl``,
+``checkpoints/step_*.pt``, ``results.json`` and ``wandb/`` (offline), and points
+``outputs/mdeq/cifar_tiny/latest`` at it. The runtime options (seed, device, amp, resume,
+log, logger, checkpoint) are in ``configs/run_defaults.yaml``.
+
+Resume: the run continues from the newest valid checkpoint of its own directory (a
+requeued SLURM job re-runs in the same directory); ``resume=auto`` also looks at the
+earlier runs of the same experiment (newest first), ``resume=<file or run dir>`` names one.
+Model, optimiser, scheduler, grad scaler, step, epoch, position in the epoch and every RNG
+state are restored, so a resumed deterministic run ends with the parameters of an
+uninterrupted one. SIGTERM (and SIGUSR2, submitit's pre-emption signal) makes `fit` save
+a checkpoint at the next step boundary; it then returns with ``status="preempted"``, or
+hands over to submitit's handler, which requeues the job.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from zoo.common import distributed as zdist
+from zoo.common.checkpoint import CheckpointManager, latest_valid, load_checkpoint, rng_state, set_rng_state
+from zoo.common.config_check import check_runtime_options
+from zoo.common.logger import MetricLogger, deq_metrics, peak_memory_mb
+from zoo.common.optim import clip_gradients
+from zoo.common.progress import progress as _progress, progress_enabled
+from zoo.common.results import build_results, write_results
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds ``random``, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    """The ``+experiment=<name>`` choice of this run (``default`` when none was given)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+        return str(choice) if choice else "default"
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    return str(choice) if choice else str(cfg.get("experiment_name") or "default")
+
+
+def _hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
+
+
+@dataclass
+class FitOutput:
+    """What `Run.fit` ends with."""
+
+    metrics: dict[str, float] = field(default_factory=dict)   # last evaluation (or last train log)
+    deq: dict[str, float] = field(default_factory=dict)       # DEQ diagnostics of that evaluation
+    step: int = 0
+    status: str = "completed"                                  # or "preempted"
+
+
+class Run:
+    """Seed, device, process group, run directory, logger, checkpoints and results of a run.
+
+    Attributes: ``cfg``, ``project``, ``experiment``, ``device``, ``rank``, ``world_size``,
+    ``is_main``, ``out_dir``, ``logger`` (`MetricLogger`), ``checkpoint``
+    (`CheckpointManager` of ``out_dir/checkpoints``), ``scaler`` (GradScaler, enabled for
+    ``amp=fp16``), ``amp_dtype``.
+
+    ``mode="eval"`` (evaluate.py) writes no checkpoints and never resumes.
+    ``out_dir`` overrides the directory (default: Hydra's run dir, else a fresh
+    ``outputs/<project>/<experiment>/<time>``).
+    """
+
+    def __init__(self, cfg: DictConfig, project: str | None = None, *, mode: str = "train",
+                 out_dir: str | Path | None = None):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode={mode!r}: use train or eval")
+        check_runtime_options(cfg)
+        self.cfg = cfg
+        self.mode = mode
+        self.project = project or str(cfg.get("project"))
+        self.experiment = experiment_name(cfg)
+        self.start_time = time.time()
+
+        self.dist = zdist.env_dist_info()
+        self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
+        self.device = zdist.resolve_device(str(cfg.get("device", "auto")), self.dist)
+        zdist.init_distributed(self.device, self.dist)
+        if cfg.get("deterministic", False):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        self.seed = int(cfg.get("seed", 0))
+        seed_everything(self.seed)  # the same on every rank: identical initial parameters
+
+        self.out_dir = self._decide_out_dir(out_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self._config_without_hydra(), self.out_dir / "config.yaml", resolve=True)
+            self._point_latest()
+
+        amp = str(cfg.get("amp", "none") or "none")
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
+
+        wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None) or {}
+        self.logger = MetricLogger(
+            self.out_dir, enabled=self.is_main,
+            wandb_mode=str(wandb_cfg.get("mode", "offline")),
+            wandb_project=str(wandb_cfg.get("project", "deq-zoo")),
+            wandb_entity=wandb_cfg.get("entity"), tags=list(wandb_cfg.get("tags") or []),
+            run_name=f"{self.project}/{self.experiment}/{self.out_dir.name}",
+            config=OmegaConf.to_container(self._config_without_hydra(), resolve=True),
+        )
+        ckpt_cfg = cfg.get("checkpoint") or {}
+        self.checkpoint = CheckpointManager(self.out_dir / "checkpoints", keep=int(ckpt_cfg.get("keep", 3)),
+                                            enabled=self.is_main and mode == "train")
+        self.log_every = int(OmegaConf.select(cfg, "log.every", default=10) or 0)
+        self.show_progress = progress_enabled(OmegaConf.select(cfg, "log.progress", default=True), self.is_main)
+
+        self.stop_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        if mode == "train":
+            self._install_signal_handlers()
+        self.train_time_s = 0.0
+        self.steps_this_session = 0
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------ directories
+    def _config_without_hydra(self) -> DictConfig:
+        cfg = OmegaConf.masked_copy(self.cfg, [k for k in self.cfg.keys() if k != "hydra"])
+        return cfg
+
+    def _decide_out_dir(self, out_dir: str | Path | None) -> Path:
+        if out_dir is None:
+            out_dir = _hydra_output_dir()
+        if out_dir is None:
+            stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            root = Path(os.environ.get("ZOO_OUTPUTS", "outputs"))
+            out_dir = root / self.project / self.experiment / stamp
+        out_dir = Path(out_dir).absolute()
+        if self.dist.enabled:  # every rank ran Hydra on its own: use rank 0's directory
+            shared = [str(out_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            out_dir = Path(shared[0])
+        return out_dir
+
+    def _point_latest(self) -> None:
+        """``<experiment dir>/latest`` -> this run's directory (a relative symlink)."""
+        parent = self.out_dir.parent
+        if parent.name.startswith("multirun_"):
+            parent = parent.parent
+        link = parent / "latest"
+        tmp = parent / f".latest.tmp{os.getpid()}"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(self.out_dir, parent), tmp)
+            os.replace(tmp, link)
+        except OSError:  # no symlinks on this filesystem: a text file instead
+            tmp.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+            link.write_text(str(self.out_dir) + "\n")
+
+    # ------------------------------------------------------------------ model helpers
+    def wrap(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
+        """Moves ``model`` to the device; wraps it in DDP under torchrun."""
+        model = model.to(self.device)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.device.type == "cuda":
+                ddp_kwargs.setdefault("device_ids", [self.device.index])
+            model = DistributedDataParallel(model, **ddp_kwargs)
+        return model
+
+    @staticmethod
+    def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+        """The module inside a DDP / torch.compile wrapper."""
+        while True:
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            if not isinstance(inner, torch.nn.Module):
+                return model
+            model = inner
+
+    def autocast(self):
+        """``torch.autocast`` with the run's ``amp`` dtype (a no-op context for ``amp=none``)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      parameters: Iterable[torch.nn.Parameter] | None = None,
+                      clip: Mapping[str, Any] | None = None, scheduler: Any = None) -> float | None:
+        """backward (scaled for fp16), unscale, clip, optimiser step, scheduler step, zero grads.
+
+        Returns the gradient norm before clipping when clipping by norm.
+        """
+        self.scaler.scale(loss).backward()
+        grad_norm = None
+        if clip and parameters is not None:
+            self.scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(parameters, clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        return grad_norm
+
+    def loader(self, dataset: Any, *, batch_size: int, shuffle: bool = True, drop_last: bool = False,
+               num_workers: int = 0, collate_fn: Callable | None = None, **kwargs: Any):
+        """``batches(epoch, start)`` for `fit`: this rank's shard of ``dataset``, from batch ``start``.
+
+        Built on `ResumableSampler` and a per-epoch seeded DataLoader generator, so the
+        batches depend only on (seed, epoch) and a resumed run sees exactly the remaining ones.
+        ``batch_size`` is per rank.
+        """
+        from torch.utils.data import DataLoader
+
+        sampler = zdist.ResumableSampler(len(dataset), shuffle=shuffle, seed=self.seed, rank=self.rank,
+                                         world_size=self.world_size, drop_last=drop_last)
+
+        def batches(epoch: int, start: int = 0):
+            sampler.set_epoch(epoch, start * batch_size)
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                              num_workers=num_workers, collate_fn=collate_fn, generator=generator, **kwargs)
+
+        batches.sampler = sampler
+        return batches
+
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str | None = None,
+                 initial: int = 0) -> Iterable:
+        """A tqdm bar on the main rank in a terminal when ``log.progress`` is on."""
+        return _progress(iterable, total=total, desc=desc, enabled=self.show_progress, initial=initial)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+                   step: int = 0, epoch: int = 0, batch_in_epoch: int = 0,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs, as one dict (see `restore`)."""
+        return {
+            "model": self.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "rng": rng_state(),
+            "extra": {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in (extra or {}).items()},
+            "config": OmegaConf.to_container(self._config_without_hydra(), resolve=True),
+            "project": self.project, "experiment": self.experiment, "world_size": self.world_size,
+        }
+
+    def find_resume_checkpoint(self) -> Path | None:
+        """The checkpoint this run continues from (see the module docstring), or None."""
+        if self.mode != "train":
+            return None
+        choice = self.cfg.get("resume")
+        found = None
+        if self.is_main:
+            if choice not in (None, "auto", "", "none", "null"):
+                path = Path(str(choice))
+                if path.is_dir():
+                    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+                    found = latest_valid(folder)
+                    if found is None:
+                        raise FileNotFoundError(f"resume={choice}: no valid checkpoint in {folder}")
+                elif path.is_file():
+                    found = path
+                else:
+                    raise FileNotFoundError(f"resume={choice}: no such checkpoint file or run directory")
+            else:
+                found = self.checkpoint.latest()
+                if found is None and choice == "auto":
+                    experiment_dir = self.out_dir.parent
+                    if experiment_dir.name.startswith("multirun_"):
+                        experiment_dir = experiment_dir.parent
+                    runs = sorted((p for p in experiment_dir.glob("*/checkpoints") if p.parent != self.out_dir),
+                                  key=lambda p: p.stat().st_mtime, reverse=True)
+                    runs += sorted((p for p in experiment_dir.glob("multirun_*/*/checkpoints")),
+                                   key=lambda p: p.stat().st_mtime, reverse=True)
+                    for folder in runs:
+                        found = latest_valid(folder)
+                        if found is not None:
+                            break
+        if self.dist.enabled:
+            shared = [str(found) if found else None]
+            dist.broadcast_object_list(shared, src=0)
+            found = Path(shared[0]) if shared[0] else None
+        return found
+
+    def restore(self, state: Mapping[str, Any], *, model: torch.nn.Module, optimizer: Any = None,
+                scheduler: Any = None, extra: Mapping[str, Any] | None = None,
+                restore_rng: bool = True) -> None:
+        """Loads what `state_dict` saved into the live objects."""
+        self.unwrap(model).load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        for key, obj in (extra or {}).items():
+            saved = state.get("extra", {}).get(key)
+            if saved is not None and hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(saved)
+        if restore_rng and state.get("rng"):
+            set_rng_state(state["rng"])
+
+    def load_model(self, model: torch.nn.Module, path: str | Path | None = None, strict: bool = True) -> dict:
+        """Loads a checkpoint's model weights (evaluate.py); returns the checkpoint dict.
+
+        ``path`` defaults to ``cfg.ckpt``; a run directory means its newest valid checkpoint.
+        """
+        path = path if path is not None else self.cfg.get("ckpt")
+        if path in (None, ""):
+            raise ValueError("ckpt is not set: pass ckpt=<checkpoint file or run directory>")
+        state = load_checkpoint(path, map_location=self.device)
+        self.unwrap(model).load_state_dict(state["model"], strict=strict)
+        return state
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
+    def _hand_over_signal(self) -> None:
+        """After saving: let submitit's handler (if it installed one) requeue the job."""
+        previous = self._previous_handlers.get(self.stop_signal)
+        if callable(previous):
+            previous(self.stop_signal, None)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Logs ``metrics`` (a ``deq_info`` entry is turned into ``deq/*`` diagnostics)."""
+        metrics = dict(metrics)
+        info = metrics.pop("deq_info", None)
+        metrics.update(deq_metrics(info))
+        return self.logger.log(step, metrics)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, model: torch.nn.Module, train_step: Callable[[Any, int], Mapping[str, Any]],
+            batches: Callable[[int, int], Iterable], total_steps: int, optimizer: Any = None,
+            scheduler: Any = None, evaluate: Optional[Callable[[int], Mapping[str, Any]]] = None,
+            eval_every: int = 0, ckpt_every: int | None = None, extra_state: Mapping[str, Any] | None = None,
+            desc: str = "train") -> FitOutput:
+        """A step-based training loop with logging, evaluation, checkpoints and exact resume.
+
+        ``train_step(batch, step)`` runs one optimiser step (``step`` counts from 1) and
+        returns metrics; a ``deq_info`` entry (the ``info`` dict of a DEQ call) becomes the
+        ``deq/*`` diagnostics, computed only on logging steps. ``batches(epoch, start)``
+        yields this rank's batches of an epoch from batch ``start`` on (`Run.loader` builds
+        one). ``evaluate(step)`` returns metrics (with an optional ``deq_info``); it runs
+        every ``eval_every`` steps and at the end. Checkpoints every ``ckpt_every`` steps
+        (default ``checkpoint.every``), at the end and on SIGTERM/SIGUSR2. ``extra_state``:
+        more objects with ``state_dict``/``load_state_dict`` to checkpoint.
+        """
+        if ckpt_every is None:
+            ckpt_every = int(OmegaConf.select(self.cfg, "checkpoint.every", default=0) or 0)
+        step, epoch, batch_in_epoch = 0, 0, 0
+        resume_path = self.find_resume_checkpoint()
+        if resume_path is not None:
+            state = load_checkpoint(resume_path, map_location="cpu")
+            self.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, extra=extra_state)
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.resumed_from = resume_path
+            self.logger.log(step, {"event": "resumed", "from": str(resume_path)})
+
+        def save() -> None:
+            self.checkpoint.save(self.state_dict(model=model, optimizer=optimizer, scheduler=scheduler,
+                                                 step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                                                 extra=extra_state), step)
+            zdist.barrier()
+
+        output = FitOutput(step=step)
+        bar = self.progress(range(step, total_steps), total=total_steps, desc=desc, initial=step)
+        bar_iter = iter(bar)
+        window_time, window_steps = 0.0, 0
+        while step < total_steps:
+            for batch in batches(epoch, batch_in_epoch):
+                t0 = time.perf_counter()
+                model.train()
+                metrics = train_step(batch, step + 1)
+                if self.device.type == "cuda" and self.log_every and (step + 1) % self.log_every == 0:
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                step += 1
+                batch_in_epoch += 1
+                next(bar_iter, None)
+                self.train_time_s += dt
+                self.steps_this_session += 1
+                window_time += dt
+                window_steps += 1
+                if self.log_every and step % self.log_every == 0:
+                    record = dict(metrics)
+                    record.update({"time/step_s": window_time / window_steps,
+                                   "mem/peak_mb": peak_memory_mb(self.device), "epoch": epoch})
+                    if scheduler is not None:
+                        record["lr"] = scheduler.get_last_lr()[0]
+                    output.metrics = {k: v for k, v in self.log(step, record).items() if k != "step"}
+                    window_time, window_steps = 0.0, 0
+                if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
+                    self._evaluate(evaluate, model, step, output)
+                if ckpt_every and step % ckpt_every == 0 and step < total_steps:
+                    save()
+                if self._stop_requested():
+                    save()
+                    self.logger.log(step, {"event": "preempted", "signal": int(self.stop_signal or 0)})
+                    output.step, output.status = step, "preempted"
+                    self._hand_over_signal()
+                    return output
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1
+                batch_in_epoch = 0
+                continue
+        if evaluate is not None:
+            self._evaluate(evaluate, model, step, output)
+        save()
+        output.step = step
+        return output
+
+    def _flag_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got a stop signal."""
+        local = self.stop_signal is not None
+        if self.dist.enabled:
+            return zdist.any_rank(local, self._flag_device())
+        return local
+
+    def _evaluate(self, evaluate: Callable[[int], Mapping[str, Any]], model: torch.nn.Module, step: int,
+                  output: FitOutput) -> None:
+        model.eval()
+        with torch.no_grad():
+            metrics = dict(evaluate(step))
+        model.train()
+        info = metrics.pop("deq_info", None)
+        output.deq = deq_metrics(info)
+        record = self.log(step, {**metrics, **output.deq})
+        output.metrics = {k: v for k, v in record.items() if k != "step" and k not in output.deq}
+
+    # ------------------------------------------------------------------ results
+    def write_results(self, metrics: Mapping[str, Any], *, deq_stats: Mapping[str, Any] | None = None,
+                      reported: Any = "from_config", status: str | None = None,
+                      extra: Mapping[str, Any] | None = None, **fields: Any) -> Path | None:
+        """Writes ``<out_dir>/results.json`` (main rank); see `zoo.common.results`.
+
+        ``reported`` defaults to the config's ``reported:`` block. Returns the path (None
+        on other ranks).
+        """
+        if not self.is_main:
+            return None
+        if reported == "from_config":
+            reported = self.cfg.get("reported")
+        metrics = dict(metrics)
+        info = metrics.pop("deq_info", None)
+        deq = dict(deq_stats or {})
+        deq.update(deq_metrics(info))
+        if status is None:
+            status = "evaluated" if self.mode == "eval" else "completed"
+        record = build_results(
+            project=self.project, experiment=self.experiment, seed=self.seed, metrics=metrics,
+            reported=reported, deq_stats=deq, wall_time_s=time.time() - self.start_time,
+            steps=self.steps_this_session or None, peak_memory_mb=peak_memory_mb(self.device),
+            device=self.device, status=status, extra=extra,
+            time_per_step_s=(self.train_time_s / self.steps_this_session) if self.steps_this_session else None,
+            world_size=self.world_size, run_dir=str(self.out_dir),
+            config_path=str(self.out_dir / "config.yaml"),
+            resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            **fields,
+        )
+        return write_results(self.out_dir / "results.json", record)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        self._restore_signal_handlers()
+        self.logger.close()
+        zdist.shutdown_distributed()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
