@@ -1,0 +1,47 @@
+"""DEQ weight normalisation: N(W) is the L2 norm of each output row of W.
+
+W_eff[i] = W[i] * min(t, g[i] / ||W[i]||) (TorchDEQ paper, eqs. 13 and 16). g starts at
+||W[i]||, so that W_eff = W when the norm is applied; with `norm_no_scale` every row is
+rescaled to `norm_target_norm` instead. Trainable tensors: `<name>_v` (W) and `<name>_g`,
+shaped like TorchDEQ's (g is (out, 1, ..., 1), or (1, out, 1, ...) for transposed convs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.norm.base import DEQNorm
+
+__all__ = ["WeightNorm", "row_norm"]
+
+_EPS = 1e-12  # keeps an all-zero row finite (its W_eff stays zero)
+
+
+def row_norm(weight: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """L2 norm over every dimension except `dim`, kept broadcastable (whole tensor if None)."""
+    if dim is None:
+        return torch.linalg.vector_norm(weight)
+    dim = dim % weight.dim()
+    others = [d for d in range(weight.dim()) if d != dim]
+    return torch.linalg.vector_norm(weight, dim=others, keepdim=True)
+
+
+class WeightNorm(DEQNorm):
+    """Weight normalisation over output rows, with learnable scale and optional clipping."""
+
+    _target_modules = {
+        nn.Linear: ("weight", 0),
+        nn.Conv1d: ("weight", 0),
+        nn.Conv2d: ("weight", 0),
+        nn.Conv3d: ("weight", 0),
+        nn.ConvTranspose1d: ("weight", 1),
+        nn.ConvTranspose2d: ("weight", 1),
+        nn.ConvTranspose3d: ("weight", 1),
+    }
+    _source_suffix = "_v"
+
+    def _norm_of(self, module, name, dim, weight, first):
+        return row_norm(weight, dim).clamp_min(_EPS)
+
+    def _initial_scale(self, module, name, dim, weight):
+        return row_norm(weight, dim).clone()
