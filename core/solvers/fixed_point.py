@@ -1,0 +1,116 @@
+"""Fixed-point iteration z <- z + tau (f(z) - z), with and without statistics."""
+from __future__ import annotations
+
+import torch
+
+from .problem import FixedPointProblem
+from .registry import register_solver
+from .stat import residuals, solver_stat_from_final_step, stat_dtype
+
+__all__ = ["fixed_point_iter", "simple_fixed_point_iter"]
+
+
+def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
+                     return_final=False, tau=1.0, sync_free=False, batch_independent=False,
+                     whole_state=False, **kwargs):
+    """Damped fixed-point iteration with per-sample statistics and early exit.
+
+    Step k evaluates f once at the current state z and moves to z + tau (f(z) - z); that
+    new state is the one step k returns, and its residuals are ||f(z) - z|| (abs) and
+    ||f(z) - z|| / (||f(z)|| + 1e-9) (rel). (TorchDEQ measures the damped step instead,
+    i.e. tau times ours.) One `func` call per step.
+
+    Args:
+        func: maps a state (tensor or tuple/list of tensors, dim 0 = batch) to the same.
+        x0: initial state.
+        max_iter: number of steps at most (>= 0).
+        tol: a sample stops once its `stop_mode` residual is below tol (> 0).
+        stop_mode: 'abs' or 'rel'.
+        indexing: step numbers at which to return the best state so far.
+        return_final: run all steps and return the last state instead of the best.
+        tau: damping (> 0); 1 is plain iteration.
+        sync_free: no host synchronisation (fixed `max_iter` steps, masks), compile-able.
+        batch_independent: eager only: converged samples leave later `func` calls.
+        whole_state: the whole state is one sample (coupled systems).
+
+    Returns:
+        (z, states_at_indexing, info): the best state (the structure of x0), one state per
+        entry of `indexing`, and a `SolverStat` (see `core.solvers.stat`).
+    """
+    p = FixedPointProblem("fixed_point_iter", func, x0, max_iter, tol, stop_mode, indexing,
+                          return_final, sync_free, batch_independent, whole_state, kwargs)
+    _check_tau("fixed_point_iter", tau)
+    tracker = p.tracker()
+    sdt = stat_dtype(p.dtype)
+    want = set(p.indexing)
+    captured = {0: p.z0} if 0 in want else {}
+    z = p.z0
+    z_next = None
+    for k in range(1, p.max_iter + 1):
+        if z_next is not None:
+            z = tracker.freeze(z_next, z)
+        fz = p.call(z, tracker)
+        diff = fz - z
+        z_next = fz if tau == 1.0 else torch.add(z, diff, alpha=tau)
+        abs_res, rel_res = residuals(fz, diff, sdt)
+        tracker.observe(k, z_next, abs_res, rel_res)
+        if k in want:
+            captured[k] = tracker.best
+        if tracker.done:
+            break
+    tracker.nfe = p.nfe
+    return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
+
+
+def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
+                            return_final=False, tau=1.0, sync_free=False,
+                            batch_independent=False, whole_state=False, **kwargs):
+    """Fixed-point iteration without per-step statistics: always `max_iter` steps.
+
+    The cheapest solver: no residuals, no best-state tracking, no host synchronisation,
+    and a tuple/list state is never packed into a matrix. `tol`, `stop_mode`,
+    `return_final`, `sync_free` and `batch_independent` are accepted (so configs can switch
+    solvers) and have no effect. `info` reports the residual of the last step
+    (`solver_stat_from_final_step`, traces of one column, `nstep` = max_iter), plus `nfe`
+    and `n_fallback` = 0. `states_at_indexing` holds the state after each listed step.
+    """
+    p = FixedPointProblem("simple_fixed_point_iter", func, x0, max_iter, tol, stop_mode,
+                          indexing, return_final, sync_free, False, whole_state, kwargs)
+    _check_tau("simple_fixed_point_iter", tau)
+    layout = p.layout
+    want = set(p.indexing)
+    captured = {0: x0} if 0 in want else {}
+    z = fz = x0
+    for k in range(1, p.max_iter + 1):
+        z = fz
+        out = func(z)
+        layout.flatten(out, rows=layout.rows, what="simple_fixed_point_iter: func")
+        fz = out if tau == 1.0 else _damp(z, out, tau)
+        if k in want:
+            captured[k] = fz
+    if p.max_iter == 0:
+        info = solver_stat_from_final_step(p.z0, p.z0, 0)
+    elif layout.whole_state:
+        info = solver_stat_from_final_step(layout.flatten(z, what="z"),
+                                           layout.flatten(fz, what="z"), p.max_iter)
+    else:
+        info = solver_stat_from_final_step(z, fz, p.max_iter)
+    info["nfe"] = p.max_iter
+    info["n_fallback"] = torch.zeros((), dtype=torch.long, device=p.z0.device)
+    states = [captured.get(i, fz) for i in p.indexing]
+    return fz, states, info
+
+
+def _damp(z, fz, tau):
+    if torch.is_tensor(z):
+        return torch.lerp(z, fz, tau)
+    return type(z)(torch.lerp(a, b, tau) for a, b in zip(z, fz))
+
+
+def _check_tau(name, tau):
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
+        raise ValueError(f"{name}: tau (damping) must be a number > 0, got {tau!r}")
+
+
+register_solver("fixed_point_iter", fixed_point_iter)
+register_solver("simple_fixed_point_iter", simple_fixed_point_iter)
