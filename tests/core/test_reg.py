@@ -1,0 +1,128 @@
+"""Regularisers: Hutchinson Jacobian loss (value and gradient, also through a DEQ output),
+the JR training helper, the power method against a dense spectrum, fixed-point correction."""
+import random
+
+import pytest
+import torch
+
+from core.reg import fp_correction, jac_loss, jac_loss_weight, jac_reg, power_method, register_weight_func
+
+D = 6
+
+
+def _linear_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(D, D, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    x = torch.randn(512, D, generator=g, dtype=torch.float64)
+    return A, x
+
+
+def test_jac_reg_of_linear_f_matches_frobenius_norm_and_its_gradient():
+    torch.manual_seed(0)
+    A, x = _linear_problem()
+    z0 = x.clone().requires_grad_()
+    f0 = z0 @ A.T + 1.0
+    # Batch 512 x 64 probes: each term is ||A^T v||^2 / d, whose relative std is about
+    # sqrt(2 ||A A^T||_F^2) / ||A||_F^2, here below 1, so 32768 samples give ~0.5% error.
+    estimate = jac_reg(f0, z0, vecs=64)
+    exact = A.detach().square().sum() / D
+    assert abs(estimate.item() - exact.item()) < 0.03 * exact.item()
+    (grad,) = torch.autograd.grad(estimate, A)
+    assert torch.allclose(grad, 2 * A.detach() / D, atol=0.05 * (2 * A.detach() / D).abs().max().item())
+
+
+def test_jac_reg_gradient_reaches_f_through_a_deq_output():
+    from core.deq import get_deq
+
+    torch.manual_seed(1)
+    A, x = _linear_problem(1)
+    deq = get_deq(f_max_iter=60, f_tol=1e-10, grad=2)
+
+    def f(z):
+        return z @ A.T + x
+
+    z_out, _ = deq(f, torch.zeros_like(x))
+    z_star = z_out[-1]
+    assert z_star.requires_grad
+    estimate = jac_reg(f(z_star), z_star, vecs=64)
+    (grad,) = torch.autograd.grad(estimate, A)
+    assert abs(estimate.item() - A.detach().square().sum().item() / D) < 0.03 * A.detach().square().sum().item() / D
+    assert torch.allclose(grad, 2 * A.detach() / D, atol=0.05 * (2 * A.detach() / D).abs().max().item())
+
+
+def test_jac_reg_rejects_an_input_without_grad():
+    z = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="requires_grad"):
+        jac_reg(z * 2, z)
+
+
+def test_jac_loss_helper_weight_frequency_and_incremental():
+    A, x = _linear_problem(2)
+    z_star = torch.zeros_like(x)  # detached, e.g. an eval output: the helper re-attaches it
+    args = {"jac_loss_weight": 0.5, "jac_loss_freq": 1.0, "jac_incremental": 0}
+    torch.manual_seed(0)
+    loss = jac_loss(args, lambda z: z @ A.T + x, z_star, step=7, vecs=32)
+    exact = A.detach().square().sum().item() / D
+    assert abs(loss.item() - 0.5 * exact) < 0.03 * 0.5 * exact
+    (grad,) = torch.autograd.grad(loss, A)
+    assert grad.abs().sum() > 0
+    # locuslab/deq: +0.1 after every jac_incremental steps, only with weight and freq > 0.
+    inc = dict(args, jac_incremental=100)
+    assert [jac_loss_weight(inc, s) for s in (0, 99, 100, 250)] == pytest.approx([0.5, 0.5, 0.6, 0.7])
+    assert jac_loss_weight(dict(inc, jac_loss_freq=0.0), 250) == 0.5
+    # Frequency: the share of regularised steps follows jac_loss_freq.
+    rng = random.Random(0)
+    hits = sum(bool(jac_loss(dict(args, jac_loss_freq=0.3), lambda z: 2 * z, torch.ones(2, 2), rng=rng) != 0)
+               for _ in range(1000))
+    assert abs(hits / 1000 - 0.3) < 0.05
+    assert jac_loss(dict(args, jac_loss_weight=0.0), lambda z: 2 * z, torch.ones(2, 2)).item() == 0.0
+
+
+def test_jac_loss_tuple_state():
+    torch.manual_seed(0)
+    a, b = torch.zeros(256, 3), torch.zeros(256, 2)
+    args = {"jac_loss_weight": 1.0, "jac_loss_freq": 1.0}
+    # f(z1, z2) = (2 z1, 3 z2): ||J||_F^2 / d = (3 * 4 + 2 * 9) / 5 = 6.
+    loss = jac_loss(args, lambda z1, z2: (2 * z1, 3 * z2), (a, b), vecs=64)
+    assert abs(loss.item() - 6.0) < 0.2
+
+
+def test_power_method_matches_dense_spectral_radius():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for sign in (1.0, -1.0, 1.0):
+        q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64))
+        eig = torch.rand(50, generator=g, dtype=torch.float64) * 1.6 - 0.8
+        eig[0] = sign * 1.1  # dominant in modulus, negative for the second sample
+        mats.append(q @ torch.diag(eig) @ q.T)
+    sym = (torch.randn(50, 50, generator=g, dtype=torch.float64))
+    mats.append((sym + sym.T) / 2 / 10)  # a plain random symmetric matrix too
+    A = torch.stack(mats)
+    z0 = torch.randn(4, 50, dtype=torch.float64, requires_grad=True)
+    f0 = torch.einsum("bij,bj->bi", A, z0)  # per-sample Jacobian A[b]
+    dense = torch.linalg.eigvalsh(A).abs().amax(dim=1)
+    vec, radius = power_method(f0, z0, n_iters=1000, tol=1e-10)
+    assert torch.allclose(radius, dense, atol=1e-3)
+    vec, radius = power_method(f0, z0)  # TorchDEQ's default: 100 iterations
+    assert torch.allclose(radius[:3], dense[:3], atol=1e-3)
+    assert vec.shape == z0.shape
+
+
+def test_fp_correction_weights_and_values():
+    preds = [torch.tensor(float(i), requires_grad=True) for i in range(4)]
+    target = torch.tensor(0.0)
+    crit = lambda p, t: (p - t) ** 2  # noqa: E731
+    losses = [0.0, 1.0, 4.0, 9.0]
+    exp = fp_correction(crit, (preds, target), gamma=0.5)
+    assert exp.item() == pytest.approx(sum(0.5 ** (3 - i) * v for i, v in enumerate(losses)))
+    lin = fp_correction(crit, (preds, target), weight_func="linear")
+    assert lin.item() == pytest.approx(sum((1 - (3 - i) / 4 * 0.9) * v for i, v in enumerate(losses)))
+    const, values = fp_correction(crit, (preds, target), weight_func="const", c=2.0, return_loss_values=True)
+    assert const.item() == pytest.approx(28.0) and values == losses
+    exp.backward()
+    assert preds[3].grad.item() == pytest.approx(2 * 3.0)
+    register_weight_func("last_only", lambda n, k: float(k == n - 1))
+    assert fp_correction(crit, (preds, [target] * 4), weight_func="last_only").item() == 9.0
+    with pytest.raises(ValueError, match="exp"):
+        fp_correction(crit, (preds, target), weight_func="cubic")
