@@ -31,7 +31,6 @@ from core.config import DEQConfig
 from core.grad import State, state_tensors, backward_factory, detach_state, make_pair
 from core.solvers import get_solver
 from core.solvers.stat import solver_stat_from_final_step
-from core.utils.flatten import pack, unpack
 
 __all__ = ["DEQBase", "DEQSliced", "DEQIndexing", "get_deq", "register_deq", "reset_deq"]
 
@@ -42,13 +41,11 @@ _STOP_KEYS = ("f_stop_mode", "stop_mode")
 
 
 def _solver(name: str, option: str) -> Callable:
-    from core.solvers import solvers as registered  # noqa: F401  (registry listing below)
-
+    """The registered solver `name`; ValueError naming the option and the registered solvers."""
     try:
         return get_solver(name)
-    except (KeyError, ValueError, AssertionError):
-        raise ValueError(f"deq.{option}={name!r} is not a registered solver; "
-                         f"choose one of {', '.join(sorted(registered()))}") from None
+    except ValueError as err:
+        raise ValueError(f"deq.{option}: {err}") from None
 
 
 class _UserFunc:
@@ -133,11 +130,10 @@ class DEQBase(nn.Module):
         """Per-sample spectral radius of J_f(z*) by the power method (100 iterations)."""
         from core.reg import power_method
 
-        z_vec, layout = pack(z)
+        z = detach_state(z, requires_grad=True)
         with torch.enable_grad():
-            z_vec = z_vec.detach().requires_grad_()
-            f_vec = layout.flatten(func(unpack(z_vec, layout)))
-        _, sradius = power_method(f_vec, z_vec, n_iters=100)
+            fz = func(z)
+        _, sradius = power_method(fz, z, n_iters=100)
         return sradius
 
     # ------------------------------------------------------------------------ forward
@@ -183,14 +179,17 @@ class DEQSliced(DEQBase):
 
     def _train_graph(self, func, z0, budget, solver_kwargs, writer):
         slices = self.indexing if budget == self.f_max_iter else self._compute_f_iter(budget)
-        z, z_out, infos = z0, [], []
+        z, z_out, infos, lengths = z0, [], [], []
         for length, produce_grad in zip(slices, self.produce_grad):
             if length > 0:
                 z, _, info = self._solve(func, detach_state(z), length, solver_kwargs)
                 infos.append(info)
+                lengths.append(length)
             z_out += produce_grad(func, detach_state(z), writer=writer)
             z = z_out[-1]
-        info = merge_infos(infos) if infos else _step_info(func, detach_state(z))
+        if not infos:
+            return z_out, _step_info(func, detach_state(z))
+        return z_out, merge_infos(infos, lengths, solver_kwargs["stop_mode"])
         return z_out, info
 
 
@@ -220,20 +219,33 @@ class DEQIndexing(DEQBase):
 
 
 # --------------------------------------------------------------------------- info
-def merge_infos(infos: Sequence[dict]) -> dict:
-    """One info for consecutive solves: traces concatenated, lowest over slices, counts summed."""
+def merge_infos(infos: Sequence[dict], lengths: Sequence[int], stop_mode: str = "abs") -> dict:
+    """One info for consecutive solves of `lengths` steps (the slices of one sliced solve).
+
+    Traces are concatenated, lowest residuals are the lowest over the slices, `nstep` is
+    the step of the whole solve (slice offset + step in the slice) at which the lowest
+    `stop_mode` residual was first reached, and `nfe` / `n_fallback` are summed.
+    """
     if len(infos) == 1:
         return infos[0]
     merged = dict(infos[-1])
-    for key in ("abs_lowest", "rel_lowest"):
-        if all(key in i for i in infos):
-            merged[key] = torch.stack([i[key] for i in infos]).amin(dim=0)
-    for key in ("abs_trace", "rel_trace"):
-        if all(key in i for i in infos):
-            merged[key] = torch.cat([i[key] for i in infos], dim=-1)
-    for key in ("nstep", "nfe", "n_fallback"):
-        if all(key in i for i in infos):
-            merged[key] = sum(i[key] for i in infos)
+    key = f"{stop_mode}_lowest"
+    best, offset = infos[0], 0
+    lowest, nstep = best[key], best["nstep"]
+    abs_lowest, rel_lowest = best["abs_lowest"], best["rel_lowest"]
+    for info, length in zip(infos[1:], lengths[:-1]):
+        offset += length
+        better = info[key] < lowest
+        lowest = torch.where(better, info[key], lowest)
+        nstep = torch.where(better, info["nstep"] + offset, nstep)
+        abs_lowest = torch.where(better, info["abs_lowest"], abs_lowest)
+        rel_lowest = torch.where(better, info["rel_lowest"], rel_lowest)
+    merged.update(abs_lowest=abs_lowest, rel_lowest=rel_lowest, nstep=nstep,
+                  abs_trace=torch.cat([i["abs_trace"] for i in infos], dim=-1),
+                  rel_trace=torch.cat([i["rel_trace"] for i in infos], dim=-1))
+    for count in ("nfe", "n_fallback"):
+        if all(count in i for i in infos):
+            merged[count] = sum(i[count] for i in infos)
     return merged
 
 
