@@ -5,11 +5,12 @@ return_final=False, **solver_kwargs) -> (z, states_at_indexing, info)`; see
 `fixed_point_iter` for the arguments and `core.solvers.stat` for `info`.
 """
 from .anderson import anderson
+from .broyden import broyden
 from .fixed_point import fixed_point_iter, simple_fixed_point_iter
 from .registry import get_solver, register_solver
 from .stat import SolverStat, solver_stat_from_final_step
 
 __all__ = [
     "get_solver", "register_solver", "fixed_point_iter", "simple_fixed_point_iter",
-    "anderson", "solver_stat_from_final_step", "SolverStat",
+    "anderson", "broyden", "solver_stat_from_final_step", "SolverStat",
 ]

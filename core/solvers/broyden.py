@@ -1,0 +1,147 @@
+"""Limited-memory Broyden's method ("good" Broyden) for g(x) = f(x) - x = 0, compact form.
+
+With the last n <= m steps s_i = x_{i+1} - x_i and residual changes y_i = g(x_{i+1}) - g(x_i)
+as the columns of S and Y, good Broyden started from the Jacobian estimate B_0 = -I is,
+in the compact form of Byrd, Nocedal and Schnabel (1994),
+
+    B = -I + (Y + S) N^{-1} S^T,    N_ij = s_i . s_j if i <= j (in time order) else 0,
+
+and by the Woodbury identity the quasi-Newton step -B^{-1} g is
+
+    g + (Y + S) M^{-1} (S^T g),     M = N - S^T Y - S^T S   (n x n).
+
+S, Y live in a preallocated ring of m slots (default 20): when it is full the oldest pair
+is overwritten, so memory is O(m B D) whatever `max_iter` is, and the estimate is exactly
+good Broyden built from the last m pairs (dropping a pair from TorchDEQ's rank-one sum
+instead leaves the later pairs inconsistent, and the iteration can blow up). The Gram
+matrices S^T S and S^T Y are updated one row and column per step. M is solved per sample
+with `linalg.solve_ex` (no error check, no host sync); a sample whose solve is not finite
+takes the plain fixed-point step g. There is no line search: one `func` call per step.
+States in float16/bfloat16 are iterated in float32 (only `func` sees the state dtype).
+"""
+from __future__ import annotations
+
+import torch
+
+from .problem import FixedPointProblem
+from .registry import register_solver
+from .stat import residuals, stat_dtype
+
+__all__ = ["broyden"]
+
+
+def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
+            return_final=False, m=20, LBFGS_thres=None, sync_free=False,
+            batch_independent=False, whole_state=False, **kwargs):
+    """Limited-memory Broyden's method for z = f(z); one `func` call per step.
+
+    Step k evaluates g at x_k (x_1 = x0) and returns x_k (as TorchDEQ), whose residuals
+    are ||f(x_k) - x_k|| and ||f(x_k) - x_k|| / (||f(x_k)|| + 1e-9).
+
+    Args:
+        m: number of (s, y) pairs kept (>= 1), oldest dropped when full.
+        LBFGS_thres: TorchDEQ's name for m; when given it sets m.
+        Other arguments as `core.solvers.fixed_point_iter`.
+
+    Returns:
+        (z, states_at_indexing, info) as `fixed_point_iter`.
+    """
+    p = FixedPointProblem("broyden", func, x0, max_iter, tol, stop_mode, indexing,
+                          return_final, sync_free, batch_independent, whole_state, kwargs)
+    if LBFGS_thres is not None:
+        m = LBFGS_thres
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"broyden: m (number of stored pairs) must be an int >= 1, got {m!r}")
+
+    tracker = p.tracker()
+    sdt = stat_dtype(p.dtype)
+    wdt = p.work_dtype
+    low_precision = wdt != p.dtype
+    want = set(p.indexing)
+    captured = {0: p.z0} if 0 in want else {}
+
+    batch, dim = p.z0.shape
+    ring = _PairRing(batch, m, dim, wdt, p.z0.device)
+    x = p.z0.to(wdt)
+    x_prev = g_prev = step = None
+    for k in range(1, p.max_iter + 1):
+        if step is not None:
+            x = tracker.freeze(x + step, x)
+        if low_precision:
+            x_state = x.to(p.dtype)
+            x = x_state.to(wdt)
+            fx = p.call(x_state, tracker).to(wdt)
+        else:
+            x_state = x
+            fx = p.call(x, tracker)
+        g = fx - x
+        abs_res, rel_res = residuals(fx, g, sdt)
+        tracker.observe(k, x_state, abs_res, rel_res)
+        if k in want:
+            captured[k] = tracker.best
+        if tracker.done or k == p.max_iter:
+            break
+        if x_prev is not None:
+            ring.add(x - x_prev, g - g_prev)
+        step = ring.newton_step(g)
+        x_prev, g_prev = x, g
+    tracker.nfe = p.nfe
+    return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
+
+
+class _PairRing:
+    """The last m pairs (s_i, y_i) per sample, their Gram matrices, and the Broyden step."""
+
+    def __init__(self, batch, m, dim, dtype, device):
+        self.m = m
+        self.s = torch.zeros(batch, m, dim, dtype=dtype, device=device)
+        self.y = torch.zeros(batch, m, dim, dtype=dtype, device=device)
+        self.ss = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . s_j
+        self.sy = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . y_j
+        self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Store a pair over the oldest slot and update the Gram rows/columns of that slot."""
+        slot = self.count % self.m
+        self.count += 1
+        n = min(self.count, self.m)
+        self.s[:, slot] = s
+        self.y[:, slot] = y
+        s_col, y_col = s.unsqueeze(2), y.unsqueeze(2)
+        ss_row = torch.bmm(self.s[:, :n], s_col).squeeze(2)
+        self.ss[:, slot, :n] = ss_row
+        self.ss[:, :n, slot] = ss_row
+        self.sy[:, slot, :n] = torch.bmm(self.y[:, :n], s_col).squeeze(2)
+        self.sy[:, :n, slot] = torch.bmm(self.s[:, :n], y_col).squeeze(2)
+
+    def newton_step(self, g: torch.Tensor) -> torch.Tensor:
+        """-B^{-1} g for the current pairs (g itself while there are none)."""
+        n = min(self.count, self.m)
+        if n == 0:
+            return g
+        s, y = self.s[:, :n], self.y[:, :n]
+        ss = self.ss[:, :n, :n]
+        diag = ss.diagonal(dim1=1, dim2=2)
+        # A zero step (a frozen or stalled sample) gives a zero row and column; a unit
+        # diagonal there makes that pair inert instead of making M singular.
+        system = (ss * self._time_order(n) - self.sy[:, :n, :n] - ss
+                  + torch.diag_embed((diag == 0).to(ss.dtype)))
+        rhs = torch.bmm(s, g.unsqueeze(2))
+        coeffs, _ = torch.linalg.solve_ex(system, rhs)
+        correction = torch.baddbmm(torch.bmm(y.transpose(1, 2), coeffs), s.transpose(1, 2), coeffs)
+        step = g + correction.squeeze(2)
+        good = torch.isfinite(step).all(dim=1, keepdim=True)
+        return torch.where(good, step, g)
+
+    def _time_order(self, n: int) -> torch.Tensor:
+        """Mask (n, n): slot i was stored no later than slot j (N's upper triangle in time)."""
+        oldest = self.count % self.m if self.count >= self.m else 0
+        key = (n, oldest)
+        if key not in self._masks:
+            age = (torch.arange(n, device=self.s.device) - oldest) % n
+            self._masks[key] = (age.unsqueeze(1) <= age.unsqueeze(0)).to(self.s.dtype)
+        return self._masks[key]
+
+
+register_solver("broyden", broyden)
