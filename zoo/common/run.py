@@ -153,7 +153,8 @@ class Run:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self._config_without_hydra(), self.out_dir / "config.yaml", resolve=True)
-            self._point_latest()
+            if mode == "train":  # `latest` names the newest training run, whose checkpoints tools want
+                self._point_latest()
 
         amp = str(cfg.get("amp", "none") or "none")
         self.amp_dtype = AMP_DTYPES[amp]
