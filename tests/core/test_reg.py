@@ -126,3 +126,28 @@ def test_fp_correction_weights_and_values():
     assert fp_correction(crit, (preds, [target] * 4), weight_func="last_only").item() == 9.0
     with pytest.raises(ValueError, match="exp"):
         fp_correction(crit, (preds, target), weight_func="cubic")
+
+
+def test_jac_reg_gradient_through_an_ift_deq_output_matches_finite_differences():
+    """Nonlinear f: the gradient includes the path through z*(W), solved by IFT."""
+    from core.deq import get_deq
+
+    torch.manual_seed(0)
+    W = (torch.randn(5, 5, dtype=torch.float64) * 0.4).requires_grad_()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    deq = get_deq(f_solver="anderson", b_solver="anderson", ift=True, f_max_iter=100, b_max_iter=100,
+                  f_tol=1e-13, b_tol=1e-13)
+
+    def loss(weight):
+        f = lambda z: torch.tanh(z @ weight.T + x)  # noqa: E731
+        z_star = deq(f, torch.zeros_like(x))[0][-1]
+        torch.manual_seed(123)  # the same probes at every evaluation
+        return jac_reg(f(z_star), z_star, vecs=3)
+
+    (grad,) = torch.autograd.grad(loss(W), W)
+    eps = 1e-6
+    for i, j in [(0, 0), (1, 3), (4, 2), (2, 4)]:
+        step = torch.zeros_like(W)
+        step[i, j] = eps
+        fd = (loss(W.detach() + step).item() - loss(W.detach() - step).item()) / (2 * eps)
+        assert abs(grad[i, j].item() - fd) < 1e-8
