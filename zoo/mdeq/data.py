@@ -4,8 +4,8 @@ Nothing is downloaded. CIFAR-10 is read from the real `cifar-10-batches-py/` pic
 under `data.root` (the format torchvision writes, read here with `pickle`, so fixture
 files work without torchvision's MD5 check); ImageNet from the standard `train/` and
 `val/` class folders; the offline set is scikit-learn's 1797 real 8x8 digits with a
-fixed stratified 80/20 split by seed. A missing dataset is an error that names the
-files and layout expected.
+fixed stratified 80/20 split by seed. A missing dataset is a `MissingDataError` (zoo.common) that
+names the files and layout expected.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
+
+from zoo.common.data import MissingDataError, require_files
 
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -29,13 +31,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CIFAR_LAYOUT = (
-    "expected the CIFAR-10 python version under data.root:\n"
+    "the CIFAR-10 python version under data.root:\n"
     "  <root>/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta\n"
     "(pickled dicts with b'data' uint8 (N, 3072) and b'labels'; the archive "
     "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html unpacks to it). "
     "Set data.root=/path/to/dir or run the offline experiment: +experiment=digits")
 IMAGENET_LAYOUT = (
-    "expected ImageNet in class folders under data.root:\n"
+    "ImageNet in class folders under data.root:\n"
     "  <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG\n"
     "(1000 class folders each; the val images sorted into class folders). "
     "Set data.root=/path/to/dir or run the offline experiment: +experiment=digits")
@@ -54,12 +56,9 @@ class DataSplits:
 
 def read_cifar_batches(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 32, 32, 3) uint8 and labels (N,) int64 from the CIFAR-10 pickles."""
-    folder = os.path.join(root, CIFAR_DIR)
     names = CIFAR_TRAIN_FILES if train else CIFAR_TEST_FILES
-    missing = [n for n in names + ("batches.meta",) if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise FileNotFoundError(f"CIFAR-10 not found: missing {', '.join(missing)} in {folder}; "
-                                + CIFAR_LAYOUT)
+    folder = require_files(root, [f"{CIFAR_DIR}/{n}" for n in names + ("batches.meta",)],
+                           layout=CIFAR_LAYOUT) / CIFAR_DIR
     images, labels = [], []
     for name in names:
         with open(os.path.join(folder, name), "rb") as fh:
@@ -116,16 +115,48 @@ def imagenet_folder(root: str, train: bool, image_size: int = 224) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     split = "train" if train else "val"
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder) or not any(os.scandir(folder)):
-        raise FileNotFoundError(f"ImageNet not found: no class folders in {folder}; " + IMAGENET_LAYOUT)
-    return ImageFolder(folder, transform=imagenet_transforms(train, image_size))
+    folder = require_files(root, ["train", "val"], layout=IMAGENET_LAYOUT) / split
+    if not any(entry.is_dir() for entry in os.scandir(folder)):
+        raise MissingDataError(f"{folder} holds no class folders. Expected layout: {IMAGENET_LAYOUT}")
+    return ImageFolder(str(folder), transform=imagenet_transforms(train, image_size))
 
 
-def digits_split(seed: int, test_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's digits (1797 real 8x8 images, values 0..16) as (N, 1, 8, 8) floats
-    scaled to [0, 1] then standardised with the training mean/std, with a stratified
-    train/test split fixed by `seed`."""
+class RandomShift:
+    """Translates an image by up to `max_shift` pixels in each direction, filling with
+    `fill` (the background): the digits' stand-in for CIFAR's padded random crop."""
+
+    def __init__(self, max_shift: int = 1, fill: float = 0.0):
+        self.max_shift, self.fill = max_shift, fill
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        s = self.max_shift
+        padded = torch.nn.functional.pad(image, (s, s, s, s), value=self.fill)
+        dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+        return padded[..., dy:dy + image.shape[-2], dx:dx + image.shape[-1]]
+
+
+class TensorImages(Dataset):
+    """(image, label) pairs held in memory, with an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 transform: Optional[Callable] = None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+def digits_split(seed: int, test_fraction: float = 0.2,
+                 max_shift: int = 0) -> tuple[TensorImages, TensorImages]:
+    """scikit-learn's digits (1797 real 8x8 images, values 0..16) as (1, 8, 8) floats
+    standardised with the training mean/std, split train/test stratified by class with
+    `seed`; `max_shift` > 0 adds random translations to the training images."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -134,9 +165,10 @@ def digits_split(seed: int, test_fraction: float = 0.2) -> tuple[TensorDataset, 
     labels = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=test_fraction, stratify=labels, random_state=seed)
-    mean, std = x_train.mean(), x_train.std()
-    return (TensorDataset(torch.from_numpy((x_train - mean) / std), torch.from_numpy(y_train)),
-            TensorDataset(torch.from_numpy((x_test - mean) / std), torch.from_numpy(y_test)))
+    mean, std = float(x_train.mean()), float(x_train.std())
+    shift = RandomShift(max_shift, fill=(0.0 - mean) / std) if max_shift > 0 else None
+    return (TensorImages(torch.from_numpy((x_train - mean) / std), torch.from_numpy(y_train), shift),
+            TensorImages(torch.from_numpy((x_test - mean) / std), torch.from_numpy(y_test)))
 
 
 def build_datasets(data: Any) -> DataSplits:
@@ -153,6 +185,7 @@ def build_datasets(data: Any) -> DataSplits:
         return DataSplits(imagenet_folder(root, True, size), imagenet_folder(root, False, size),
                           num_classes=1000, in_channels=3, image_size=size)
     if name == "digits":
-        train, test = digits_split(get("split_seed", 0), get("test_fraction", 0.2))
+        train, test = digits_split(get("split_seed", 0), get("test_fraction", 0.2),
+                                   get("max_shift", 0) if get("augment", False) else 0)
         return DataSplits(train, test, num_classes=10, in_channels=1, image_size=8)
     raise ValueError(f"unknown data.name {name!r}; choose cifar10, imagenet or digits")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from core.config import DEQConfig
 from core.deq import get_deq
 from core.norm import apply_norm, reset_norm
-from core.utils import VariationalDropout2d, reset_dropout
+from core.utils.dropout import VariationalDropout2d, reset_dropout
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ class MDEQ(nn.Module):
     the reference; `norm_filter_out` lists module-name parts to leave unnormalised
     (the ImageNet recipe skips the fusion: ``["fuse"]``).
 
-    `forward(x)` returns ``(logits, info)``: `logits` is a list with one tensor per
+    `forward(x, solver_kwargs=None)` returns ``(logits, info)``: `logits` is a list with one tensor per
     returned DEQ state (fixed-point correction uses all of them; the last is the best),
     `info` the solver statistics.
     """
@@ -293,11 +293,6 @@ class MDEQ(nn.Module):
         apply_norm(self.f, args=self.deq_config, filter_out=self.norm_filter_out or None)
         self.deq = get_deq(self.deq_config)
 
-    def set_eval_iterations(self, iterations: int) -> None:
-        """Test-time solver budget (eval_f_max_iter), for accuracy-vs-NFE sweeps."""
-        self.deq_config.update(eval_f_max_iter=int(iterations))
-        self.deq = get_deq(self.deq_config)
-
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         """The input injection u (fed to the highest-resolution branch)."""
         u = self.stem(x)
@@ -309,13 +304,16 @@ class MDEQ(nn.Module):
         return tuple(u.new_zeros(u.shape[0], c, h, w)
                      for c, (h, w) in zip(self.size.channels, shapes))
 
-    def forward(self, x: torch.Tensor, **deq_kwargs) -> tuple[list[torch.Tensor], dict]:
+    def forward(self, x: torch.Tensor, solver_kwargs: Optional[dict] = None
+                ) -> tuple[list[torch.Tensor], dict]:
+        """Logits per returned state and the solver info; `solver_kwargs` may override the
+        budget for this call (``{"f_max_iter": 8}``: accuracy-vs-NFE sweeps)."""
         u = self.inject(x)
         injections = [u] + [None] * (self.size.num_branches - 1)
         reset_norm(self.f)
         reset_dropout(self.f)
         z_states, info = self.deq(lambda *zs: self.f(zs, injections),
-                                  self.initial_state(u), **deq_kwargs)
+                                  self.initial_state(u), solver_kwargs=solver_kwargs)
         return [self.head(z) for z in z_states], info
 
 

@@ -64,7 +64,11 @@ def test_cifar_augmentation_crops_and_flips_the_same_pixels(tmp_path):
 
 
 def test_missing_cifar_names_the_layout(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/data_batch_1"):
+    # An empty root: the missing files are listed, then the layout.
+    with pytest.raises(FileNotFoundError,
+                       match=r"lacks 6 of 6(.|\n)*cifar-10-batches-py/data_batch_1(.|\n)*<root>/cifar-10-batches-py/"):
+        build_datasets({"name": "cifar10", "root": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match=r"not a directory(.|\n)*<root>/cifar-10-batches-py/"):
         build_datasets({"name": "cifar10", "root": str(tmp_path / "nowhere")})
 
 
@@ -104,12 +108,28 @@ def test_missing_imagenet_names_the_layout(tmp_path):
 def test_digits_split_is_stratified_fixed_and_standardised():
     train, test = digits_split(seed=1)
     assert len(train) == 1437 and len(test) == 360
-    x_train, y_train = train.tensors
+    x_train, y_train = train.images, train.labels
     assert x_train.shape == (1437, 1, 8, 8)
     assert abs(float(x_train.mean())) < 1e-4 and abs(float(x_train.std()) - 1) < 1e-3
-    counts = torch.bincount(test.tensors[1], minlength=10)
+    counts = torch.bincount(test.labels, minlength=10)
     assert int(counts.min()) >= 35 and int(counts.max()) <= 37  # ~20% of each class
     again, _ = digits_split(seed=1)
     other, _ = digits_split(seed=2)
-    assert torch.equal(again.tensors[1], y_train)
-    assert not torch.equal(other.tensors[1], y_train)
+    assert torch.equal(again.labels, y_train)
+    assert not torch.equal(other.labels, y_train)
+
+
+def test_digits_shift_moves_the_image_by_at_most_one_pixel():
+    train, _ = digits_split(seed=0, max_shift=1)
+    torch.manual_seed(0)
+    plain, background = train.images[3], float(train.images.min())
+    seen = set()
+    for _ in range(40):
+        view, label = train[3]
+        assert label == train.labels[3]
+        padded = torch.nn.functional.pad(plain, (1, 1, 1, 1), value=background)
+        offsets = [(dy, dx) for dy in range(3) for dx in range(3)
+                   if torch.equal(view, padded[:, dy:dy + 8, dx:dx + 8])]
+        assert offsets
+        seen.update(offsets)
+    assert len(seen) >= 5  # the shifts are random

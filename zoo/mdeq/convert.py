@@ -1,0 +1,115 @@
+"""Load checkpoints trained with the TorchDEQ zoo's MDEQ into `zoo.mdeq.model.MDEQ`.
+
+The TorchDEQ zoo (deq-zoo/mdeq_cifar, mdeq_imagenet) names its modules after the
+original MDEQ: ``downsample`` (stem), ``stage0`` (injection conv), ``fullstage``
+(f_theta: ``branches.i.blocks.k``, ``fuse_layers.i.j.net[.k].{conv,gnorm}``,
+``post_fuse_layers.i.{conv,gnorm}``), ``incre_modules.i.0`` (head Bottlenecks, shortcut
+``downsample``), ``downsamp_modules``, ``final_layer`` and ``classifier``. Its weight norm
+stores ``weight_g`` / ``weight_v``; DataParallel/DDP checkpoints prefix every key with
+``module.``; training checkpoints wrap the weights in ``{"state_dict": ...}``.
+
+`torchdeq_to_ours(state_dict)` renames the keys; `load_torchdeq_checkpoint(model, path)`
+also reconciles weight norm (folds g and v into a plain weight, or splits one into g and
+v, whichever the target model has) and loads strictly, so a wrong size or a key that has
+no counterpart is an error that lists them.
+
+Usage::
+
+    python -m zoo.mdeq.evaluate +experiment=cifar_tiny ckpt=/path/final_state.pth ckpt_format=torchdeq
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+# (pattern, replacement) applied in order to each key (after the `module.` prefix is gone).
+KEY_RULES: tuple[tuple[str, str], ...] = (
+    (r"^downsample\.", "stem."),
+    (r"^stage0\.", "injection."),
+    (r"^fullstage\.fuse_layers\.(\d+)\.(\d+)\.net\.", r"f.fuse.\1.\2."),
+    (r"^fullstage\.post_fuse_layers\.", "f.post_fuse."),
+    (r"^fullstage\.", "f."),
+    (r"^incre_modules\.(\d+)\.0\.downsample\.", r"head.incre.\1.shortcut."),
+    (r"^incre_modules\.(\d+)\.0\.", r"head.incre.\1."),
+    (r"^downsamp_modules\.", "head.down."),
+    (r"^final_layer\.", "head.final."),
+    (r"^classifier\.", "head.classifier."),
+    (r"\.gnorm\.", ".gn."),
+)
+# Keys with no counterpart in our model: the original MDEQ's copy of f_theta (used by
+# its hand-written IFT backward) carries no information of its own.
+IGNORED = re.compile(r"^fullstage_copy\.")
+
+
+def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
+    """The weights inside a TorchDEQ-zoo checkpoint: a bare state dict, or a training
+    checkpoint holding it under ``state_dict`` (or ``model``)."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            return obj[key]
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError("not a TorchDEQ MDEQ checkpoint: expected a state dict or a dict with "
+                     "'state_dict' holding one")
+
+
+def torchdeq_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """The same tensors under our key names (`module.` prefixes removed)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if IGNORED.match(key):
+            continue
+        for pattern, repl in KEY_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+def match_weight_norm(state: Mapping[str, torch.Tensor],
+                      target: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Makes weight-norm keys agree with `target`: ``w = g * v / |v|`` when the target has
+    a plain ``weight``; ``v = w, g = |w|`` when the target has ``weight_g``/``weight_v``."""
+    out = OrderedDict(state)
+    for key in list(out):
+        if key.endswith(".weight_v"):
+            base = key[: -len("_v")]
+            if base in target and key not in target:
+                v, g = out.pop(key), out.pop(base + "_g")
+                out[base] = g * v / _norm_except_dim0(v)
+        elif key.endswith(".weight") and key not in target and key + "_v" in target:
+            w = out.pop(key)
+            out[key + "_v"], out[key + "_g"] = w, _norm_except_dim0(w)
+    for key in out:  # the scale g may be stored as (C, 1, 1, 1) or (C,)
+        if key.endswith("_g") and key in target and out[key].numel() == target[key].numel():
+            out[key] = out[key].reshape(target[key].shape)
+    return out
+
+
+def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
+    """Loads a TorchDEQ-zoo MDEQ checkpoint (a path, or the loaded object) into `model`."""
+    if not isinstance(source, Mapping):
+        source = torch.load(source, map_location="cpu", weights_only=False)
+    target = model.state_dict()
+    state = match_weight_norm(torchdeq_to_ours(unwrap_checkpoint(source)), target)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "TorchDEQ checkpoint does not fit this MDEQ (is model.size right?):"
+            + (f"\n  missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "")
+            + (f"\n  unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
+            + (f"\n  shape mismatch: {[(k, tuple(state[k].shape), tuple(target[k].shape)) for k in wrong[:8]]}"
+               if wrong else ""))
+    model.load_state_dict(state, strict=True)
+    return model
