@@ -27,8 +27,10 @@ notebooks).
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -77,6 +79,7 @@ def _send_other_ranks_elsewhere() -> None:
     if int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
     scratch = tempfile.mkdtemp(prefix=f"zoo_rank{os.environ['RANK']}_")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     sys.argv = [a for a in sys.argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 

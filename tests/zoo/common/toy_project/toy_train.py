@@ -37,8 +37,8 @@ def main(cfg):
                       eval_every=cfg.train.eval_every)
         if out.status == "completed":
             run.write_results(out.metrics, deq_stats=out.deq)
-            if run.is_main:
-                torch.save(run.unwrap(model).state_dict(), run.out_dir / f"final_params_rank{run.rank}.pt")
+            # every rank: the tests check that DDP ranks end with identical parameters
+            torch.save(run.unwrap(model).state_dict(), run.out_dir / f"final_params_rank{run.rank}.pt")
         else:
             torch.save(run.unwrap(model).state_dict(), run.out_dir / "preempted_params.pt")
 
