@@ -72,8 +72,12 @@ class DEQNorm:
 
     # ------------------------------------------------------------------ subclass API
     def _norm_of(self, module: nn.Module, name: str, dim: int, weight: torch.Tensor,
-                 first: bool) -> torch.Tensor:
-        """N(W), broadcastable against `weight` (one value per output row, or a scalar)."""
+                 first: bool, update: bool) -> torch.Tensor:
+        """N(W), broadcastable against `weight` (one value per output row, or a scalar).
+
+        `first`: the first computation after apply_norm; `update`: whether an iterative
+        estimate (spectral norm's power iteration) may advance its state.
+        """
         raise NotImplementedError
 
     def _initial_scale(self, module: nn.Module, name: str, dim: int, weight: torch.Tensor) -> torch.Tensor:
@@ -91,10 +95,11 @@ class DEQNorm:
         """The trainable, un-normalised weight W."""
         return module._parameters[name + self._source_suffix]
 
-    def compute_weight(self, module: nn.Module, name: str, dim: int, first: bool = False) -> torch.Tensor:
+    def compute_weight(self, module: nn.Module, name: str, dim: int, first: bool = False,
+                       update: bool = True) -> torch.Tensor:
         """W_eff = W * min(t, g / N(W)) (or target_norm / N(W) without scale)."""
         weight = self.source(module, name)
-        norm = self._norm_of(module, name, dim, weight, first)
+        norm = self._norm_of(module, name, dim, weight, first, update)
         numerator = module._parameters[name + "_g"] if self.learn_scale else self.target_norm
         factor = numerator / norm
         if self.clip:
@@ -162,8 +167,8 @@ class DEQNorm:
     def remove(self, module: nn.Module) -> None:
         """Bake the current W_eff into an ordinary parameter and detach the norm."""
         for name, dim in zip(self.names, self.dims):
-            with torch.no_grad():
-                weight = self.compute_weight(module, name, dim)
+            with torch.no_grad():  # no power-iteration step: the weight the module uses now
+                weight = self.compute_weight(module, name, dim, update=False)
             module.__dict__.pop(name, None)
             del module._parameters[name + self._source_suffix]
             if self.learn_scale:

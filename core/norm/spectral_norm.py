@@ -78,14 +78,14 @@ class SpectralNorm(DEQNorm):
         if not first:
             self._converge_pending = False
 
-    def _norm_of(self, module, name, dim, weight, first):
+    def _norm_of(self, module, name, dim, weight, first, update):
         matrix = _as_matrix(weight, dim)
         u, v = module._buffers[name + "_u"], module._buffers[name + "_v"]
         with torch.no_grad():
             detached = matrix.detach()
             if first:
                 _power_iterate_to_convergence(detached, u, v)
-            elif module.training:
+            elif module.training and update:
                 for _ in range(self.n_power_iters):
                     _power_step(detached, u, v)
         # u, v are updated in place at every reset: use copies in the graph.

@@ -40,7 +40,7 @@ class WeightNorm(DEQNorm):
     }
     _source_suffix = "_v"
 
-    def _norm_of(self, module, name, dim, weight, first):
+    def _norm_of(self, module, name, dim, weight, first, update):
         return row_norm(weight, dim).clamp_min(_EPS)
 
     def _initial_scale(self, module, name, dim, weight):

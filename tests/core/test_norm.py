@@ -122,10 +122,13 @@ def test_remove_norm_keeps_outputs(norm_type):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 4, 3),
                           nn.Flatten(), nn.Linear(4 * 10 * 10, 5))
     apply_norm(model, norm_type)
-    with torch.no_grad():
+    reset_norm(model)  # the first reset converges spectral norm's power iteration; later ones step once
+    with torch.no_grad():  # new g and W: spectral norm's u, v are far from converged after the reset
         for name, p in model.named_parameters():
             if name.endswith("_g"):
                 p.mul_(torch.rand_like(p) + 0.5)
+            elif name.endswith(("_v", "_orig")):
+                p.copy_(torch.randn_like(p) * 0.1)
     reset_norm(model)
     x = torch.randn(2, 3, 8, 8)
     before = model(x).detach()
