@@ -125,9 +125,9 @@ class DEQNorm:
         """Forward pre-hook: recompute W_eff if it no longer matches the parameters."""
         if torch.compiler.is_compiling():
             return  # a compiled f relies on the per-forward reset_norm
-        first = self.source(module, self.names[0])
+        weight = self.source(module, self.names[0])
         cached = module.__dict__.get(self.names[0])
-        if (self._stale or cached is None or cached.device != first.device or cached.dtype != first.dtype
+        if (self._stale or cached is None or cached.device != weight.device or cached.dtype != weight.dtype
                 or self._versions != self._source_versions(module)):
             self.reset(module)
 
@@ -275,6 +275,9 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm",
                filter_out: Optional[Union[str, Sequence[str]]] = None,
                args: Any = None, **norm_kwargs: Any) -> None:
     """Normalise the weights of every registered module of `model` (TorchDEQ's apply_norm).
+
+    Modules match by isinstance (subclasses of Linear, Conv*d, ConvTranspose*d and of any
+    class given to `register_norm_module`); modules already normalised are left as they are.
 
     Args:
         model: the module tree (usually the DEQ function f).

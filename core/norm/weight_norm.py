@@ -17,10 +17,8 @@ __all__ = ["WeightNorm", "row_norm"]
 _EPS = 1e-12  # keeps an all-zero row finite (its W_eff stays zero)
 
 
-def row_norm(weight: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """L2 norm over every dimension except `dim`, kept broadcastable (whole tensor if None)."""
-    if dim is None:
-        return torch.linalg.vector_norm(weight)
+def row_norm(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norm over every dimension except `dim` (the output rows), kept broadcastable."""
     dim = dim % weight.dim()
     others = [d for d in range(weight.dim()) if d != dim]
     return torch.linalg.vector_norm(weight, dim=others, keepdim=True)
