@@ -30,7 +30,10 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
         return_final: run all steps and return the last state instead of the best.
         tau: damping (> 0); 1 is plain iteration.
         sync_free: no host synchronisation (fixed `max_iter` steps, masks), compile-able.
-        batch_independent: eager only: converged samples leave later `func` calls.
+        batch_independent: eager only: converged samples leave later `func` calls, so
+            `func` must treat rows independently; if it has a `rows` keyword it is given
+            the indices (into x0's batch) of the rows it receives, else it must not depend
+            on a row's position (no per-sample tensors captured by a closure).
         whole_state: the whole state is one sample (coupled systems).
 
     Returns:
@@ -75,7 +78,8 @@ def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", in
     and `n_fallback` = 0. `states_at_indexing` holds the state after each listed step.
     """
     p = FixedPointProblem("simple_fixed_point_iter", func, x0, max_iter, tol, stop_mode,
-                          indexing, return_final, sync_free, False, whole_state, kwargs)
+                          indexing, return_final, sync_free, batch_independent, whole_state,
+                          kwargs)
     _check_tau("simple_fixed_point_iter", tau)
     layout = p.layout
     want = set(p.indexing)

@@ -9,6 +9,8 @@ only the active rows to `func`.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from core.utils.flatten import StateLayout
@@ -17,6 +19,14 @@ from .registry import check_options
 from .stat import ConvergenceTracker
 
 __all__ = ["FixedPointProblem"]
+
+
+def _accepts_rows(func) -> bool:
+    """Whether func takes a `rows` keyword (the batch rows it is given, for batch_independent)."""
+    try:
+        return "rows" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -59,6 +69,7 @@ class FixedPointProblem:
         self.return_final = bool(return_final)
         self.sync_free = bool(sync_free)
         self.batch_independent = bool(batch_independent)
+        self.pass_rows = self.batch_independent and _accepts_rows(func)
         self.layout = StateLayout.of(x0, whole_state=bool(whole_state))
         self.z0 = self.layout.flatten(x0, what="x0")
         self.dtype = self.z0.dtype
@@ -76,19 +87,22 @@ class FixedPointProblem:
         """func on the rows of z (B, D), in the state dtype; returns f(z) as (B, D).
 
         With `batch_independent` and some rows stopped, only the active rows go through
-        `func`; the stopped rows of the result are copies of their input rows.
+        `func`; the stopped rows of the result are copies of their input rows. A `func`
+        with a `rows` keyword is told which rows of the batch it gets (a LongTensor, or
+        None for all), so it can index its per-sample inputs (the injection of a DEQ).
         """
         self.nfe += 1
         if (self.batch_independent and tracker is not None and not tracker.all_active):
             rows = tracker.active_rows()
             out = z.clone()
             if rows.numel():
-                out.index_copy_(0, rows, self._call_rows(z.index_select(0, rows)))
+                out.index_copy_(0, rows, self._call_rows(z.index_select(0, rows), rows))
             return out
-        return self._call_rows(z)
+        return self._call_rows(z, None)
 
-    def _call_rows(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.func(self.layout.unflatten(z))
+    def _call_rows(self, z: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        state = self.layout.unflatten(z)
+        out = self.func(state, rows=rows) if self.pass_rows else self.func(state)
         return self.layout.flatten(out, rows=z.shape[0], what=f"{self.name}: func")
 
     def unpack(self, z: torch.Tensor):
