@@ -50,13 +50,12 @@ def load_tables(path: Path | str = DEFAULT_TABLES) -> dict[str, dict[str, Any]]:
 
 def find_results(paths: Iterable[Path | str]) -> list[Path]:
     """``results.json`` files: given files, or every one under given folders."""
-    found: list[Path] = []
+    found: dict[Path, Path] = {}  # resolved -> as given: a run seen through `latest` counts once
     for path in map(Path, paths):
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            found.extend(sorted(path.rglob("results.json")))
-    return found
+        candidates = [path] if path.is_file() else sorted(path.rglob("results.json")) if path.is_dir() else []
+        for candidate in candidates:
+            found.setdefault(candidate.resolve(), candidate)
+    return list(found.values())
 
 
 def load_results(paths: Iterable[Path | str], statuses: tuple[str, ...] = ("completed",)) -> list[dict[str, Any]]:

@@ -34,7 +34,17 @@ class DistInfo:
 
 
 def env_dist_info() -> DistInfo:
-    """Reads torchrun's environment variables (a single process when they are absent)."""
+    """Reads torchrun's environment variables (a single process when they are absent).
+
+    A SLURM job launched by submitit with several tasks (``hydra.launcher.tasks_per_node=N``)
+    has no torchrun variables; submitit's helper exports them from SLURM's (every task
+    keeps all GPUs visible and picks ``cuda:LOCAL_RANK``).
+    """
+    if ("RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+            and int(os.environ.get("SLURM_NTASKS", "1")) > 1):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return DistInfo(
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),

@@ -445,6 +445,7 @@ class Run:
         bar_iter = iter(bar)
         window_time, window_steps = 0.0, 0
         while step < total_steps:
+            steps_before = step
             for batch in batches(epoch, batch_in_epoch):
                 t0 = time.perf_counter()
                 model.train()
@@ -480,6 +481,8 @@ class Run:
                 if step >= total_steps:
                     break
             else:
+                if step == steps_before and batch_in_epoch == 0:
+                    raise ValueError(f"batches(epoch={epoch}, start=0) yielded no batch: is the dataset empty?")
                 epoch += 1
                 batch_in_epoch = 0
                 continue

@@ -23,8 +23,9 @@ PYTHON = sys.executable
 
 def run_toy(script, *overrides, outputs, cwd, torchrun=False, timeout=240):
     """Runs a toy script from ``cwd`` with outputs under ``outputs``; returns the process."""
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "ZOO_OUTPUTS": str(outputs), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-           "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(REPO)}
+           "HYDRA_FULL_ERROR": "1", "PYTHONPATH": python_path}
     if torchrun:
         cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TOY / script)]
     else:
@@ -49,7 +50,7 @@ def trained(tmp_path_factory):
     """One uninterrupted 12-step run (wandb offline), started from an unrelated directory."""
     outputs = tmp_path_factory.mktemp("outputs")
     cwd = tmp_path_factory.mktemp("elsewhere")
-    run_toy("toy_train.py", "+experiment=tiny", "logger.wandb.mode=offline", outputs=outputs, cwd=cwd)
+    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "logger.wandb.mode=offline", outputs=outputs, cwd=cwd)
     experiment_dir = outputs / "toy" / "tiny"
     (run_dir,) = [p for p in experiment_dir.iterdir() if p.name != "latest"]
     return outputs, run_dir
@@ -80,7 +81,7 @@ def test_training_writes_every_artefact(trained):
 @pytest.mark.timeout(300)
 def test_evaluating_the_checkpoint_reproduces_the_final_metric(trained, tmp_path):
     outputs, run_dir = trained
-    run_toy("toy_evaluate.py", "+experiment=tiny", f"ckpt={run_dir}", outputs=outputs, cwd=tmp_path)
+    run_toy("toy_evaluate.py", "+experiment=tiny", "device=cpu", f"ckpt={run_dir}", outputs=outputs, cwd=tmp_path)
     trained_results = json.loads((run_dir / "results.json").read_text())
     (eval_results_path,) = [p for p in (outputs / "toy" / "tiny").glob("*/results.json")
                             if p.parent.name not in ("latest", run_dir.name)]
@@ -95,7 +96,7 @@ def test_evaluating_the_checkpoint_reproduces_the_final_metric(trained, tmp_path
 def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp_path):
     _, reference = trained
     outputs = tmp_path / "outputs"
-    run_toy("toy_train.py", "+experiment=tiny", "train.sigterm_at_step=5", "checkpoint.every=2",
+    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "train.sigterm_at_step=5", "checkpoint.every=2",
             outputs=outputs, cwd=tmp_path)
     (killed,) = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
     assert not (killed / "results.json").exists() and (killed / "preempted_params.pt").is_file()
@@ -103,7 +104,7 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp
     assert sorted(p.name for p in checkpoints.glob("*.pt")) == [f"step_0000000{s}.pt" for s in (2, 4, 5)]
     newest = checkpoints / "step_00000005.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated on disk: resume must use step 4
-    run_toy("toy_train.py", "+experiment=tiny", "resume=auto", outputs=outputs, cwd=tmp_path)
+    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "resume=auto", outputs=outputs, cwd=tmp_path)
     resumed = (outputs / "toy" / "tiny" / "latest").resolve()
     assert resumed != killed.resolve()
     assert json.loads((resumed / "results.json").read_text())["resumed_from"] == str(checkpoints / "step_00000004.pt")
@@ -129,7 +130,8 @@ def test_torchrun_two_cpu_ranks_end_with_identical_parameters(tmp_path):
 @pytest.mark.timeout(300)
 def test_multirun_of_two_seeds_and_compare_tables(tmp_path, capsys):
     outputs = tmp_path / "outputs"
-    run_toy("toy_train.py", "-m", "+experiment=tiny", "seed=0,1", "train.steps=4", outputs=outputs, cwd=tmp_path)
+    run_toy("toy_train.py", "-m", "+experiment=tiny", "device=cpu", "seed=0,1", "train.steps=4",
+            outputs=outputs, cwd=tmp_path)
     results = sorted((outputs / "toy" / "tiny").glob("multirun_*/*/results.json"))
     assert [json.loads(p.read_text())["seed"] for p in results] == [0, 1]
     accuracies = [json.loads(p.read_text())["metrics"]["eval/accuracy"] for p in results]
@@ -147,3 +149,19 @@ def test_multirun_of_two_seeds_and_compare_tables(tmp_path, capsys):
     assert f"| {max(accuracies):.4g} |" in row  # the best-over-seeds column
     assert "| Toy DEQ, IFT (ours) | 0.75 | - |" in out and "reported only" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_toy_trains_on_cuda_with_mixed_precision(tmp_path, amp):
+    outputs = tmp_path / "outputs"
+    run_toy("toy_train.py", "+experiment=tiny", "device=auto", f"amp={amp}", outputs=outputs, cwd=tmp_path)
+    run_dir = (outputs / "toy" / "tiny" / "latest").resolve()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["device"]["type"] == "cuda" and results["versions"]["cuda"]
+    assert 0 < results["peak_memory_mb"] < 1024  # CUDA max_memory_allocated of a tiny model
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train/loss"] for r in records if "train/loss" in r]
+    assert train[-1] < train[0]
+    assert 0.0 <= results["metrics"]["eval/accuracy"] <= 1.0
