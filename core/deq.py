@@ -52,18 +52,22 @@ class _UserFunc:
     """f in the solvers' convention: one argument with the structure of the state.
 
     A tensor state calls `f(z)`; a list/tuple state calls `f(*zs)` and expects a
-    list/tuple back (TorchDEQ's convention), handled as a tuple inside.
+    list/tuple back (TorchDEQ's convention), handled as a tuple inside. With `record`
+    on, the last call's (z, f(z)) is kept: the statistics of a call that ran no solver
+    come from it, without an extra call of f.
     """
 
-    __slots__ = ("func", "multi")
+    __slots__ = ("func", "multi", "record", "last")
 
     def __init__(self, func: Callable, multi: bool):
         self.func, self.multi = func, multi
+        self.record, self.last = False, None
 
     def __call__(self, z: State) -> State:
-        if not self.multi:
-            return self.func(z)
-        return tuple(self.func(*z))
+        fz = self.func(z) if not self.multi else tuple(self.func(*z))
+        if self.record:
+            self.last = (z, fz)
+        return fz
 
     def to_user(self, z: State):
         return list(z) if self.multi else z
@@ -159,11 +163,13 @@ class DEQBase(nn.Module):
             z_star, _, info = self._solve(func, z0, budget, solver_kwargs)
         else:
             z_star, info = z0, None
+            func.record = True
+        z_out = [z_star]
         if torch.is_grad_enabled():
-            z_out = self.produce_grad[-1](func, z_star, writer=writer)
-            if _depends_on_grad(z_out[-1], z_star):
-                return [z_out[-1]], info if info is not None else _step_info(func, z_star)
-        return [z_star], info if info is not None else _step_info(func, z_star)
+            attached = self.produce_grad[-1](func, z_star, writer=writer)
+            if _depends_on_grad(attached[-1], z_star):
+                z_out = [attached[-1]]
+        return z_out, info if info is not None else _no_solve_info(func, z_star)
 
 
 class DEQSliced(DEQBase):
@@ -180,6 +186,7 @@ class DEQSliced(DEQBase):
     def _train_graph(self, func, z0, budget, solver_kwargs, writer):
         slices = self.indexing if budget == self.f_max_iter else self._compute_f_iter(budget)
         z, z_out, infos, lengths = z0, [], [], []
+        func.record = not any(slices)
         for length, produce_grad in zip(slices, self.produce_grad):
             if length > 0:
                 z, _, info = self._solve(func, detach_state(z), length, solver_kwargs)
@@ -188,7 +195,7 @@ class DEQSliced(DEQBase):
             z_out += produce_grad(func, detach_state(z), writer=writer)
             z = z_out[-1]
         if not infos:
-            return z_out, _step_info(func, detach_state(z))
+            return z_out, _no_solve_info(func, z)
         return z_out, merge_infos(infos, lengths, solver_kwargs["stop_mode"])
         return z_out, info
 
@@ -212,10 +219,11 @@ class DEQIndexing(DEQBase):
             z_star, states, info = self._solve(func, z0, budget, solver_kwargs, indexing=indexing[:-1] or None)
         else:
             z_star, states, info = z0, [z0] * (len(indexing) - 1), None
+            func.record = True
         z_out = []
         for z, produce_grad in zip([*(states or []), z_star], self.produce_grad):
             z_out += produce_grad(func, detach_state(z), writer=writer)
-        return z_out, info if info is not None else _step_info(func, detach_state(z_out[-1]))
+        return z_out, info if info is not None else _no_solve_info(func, z_star)
 
 
 # --------------------------------------------------------------------------- info
@@ -249,11 +257,18 @@ def merge_infos(infos: Sequence[dict], lengths: Sequence[int], stop_mode: str = 
     return merged
 
 
-def _step_info(func, z: State) -> dict:
-    """Statistics of one step f(z) - z, for a call that ran no solver (f_max_iter = 0)."""
+def _no_solve_info(func: _UserFunc, z: State) -> dict:
+    """Statistics of a call that ran no solver (budget 0): the residual of f's last step.
+
+    That is the unrolled step that made the output (z_{K-1}, f(z_{K-1})), or one extra
+    call f(z) when f was not called at all (evaluation under no_grad).
+    """
+    z_last, fz = func.last if func.last is not None else (z, None)
+    func.record, func.last = False, None
     with torch.no_grad():
-        info = solver_stat_from_final_step(z, func(z))
-    info.update(nfe=1, n_fallback=torch.zeros((), dtype=torch.long, device=info["abs_lowest"].device))
+        fz = func(detach_state(z_last)) if fz is None else fz
+        info = solver_stat_from_final_step(detach_state(z_last), detach_state(fz))
+    info.update(nfe=0, n_fallback=torch.zeros((), dtype=torch.long, device=info["abs_lowest"].device))
     return info
 
 
