@@ -10,7 +10,7 @@ The scale follows TorchDEQ 0.1.0 (and its checkpoints): g is learnable, one valu
 output row (eq. 15 of the TorchDEQ paper: W_eff = W o g / sigma row-wise), shaped
 (out, 1, ...) like weight norm's, and it starts at `norm_target_norm` — so W_eff starts as
 target_norm * W / sigma, a matrix of spectral norm target_norm, not W itself. That start is
-the point of spectral norm in a DEQ (a contractive f from step 0, e.g. for IGNN with
+the point of spectral norm in a DEQ (an f with bounded Lipschitz constant from step 0, e.g. IGNN with
 `--norm_clip`); g then learns per-row gains as weight norm's does. With `norm_no_scale`
 the factor is target_norm / sigma, a scalar.
 """
