@@ -472,7 +472,7 @@ class Run:
                     self._evaluate(evaluate, model, step, output)
                 if ckpt_every and step % ckpt_every == 0 and step < total_steps:
                     save()
-                if self._stop_requested():
+                if self.should_stop(step):
                     save()
                     self.logger.log(step, {"event": "preempted", "signal": int(self.stop_signal or 0)})
                     output.step, output.status = step, "preempted"
@@ -492,15 +492,19 @@ class Run:
         output.step = step
         return output
 
-    def _flag_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
+    def should_stop(self, step: int) -> bool:
+        """True (on every rank) once a stop signal arrived; for loops that do not use `fit`.
 
-    def _stop_requested(self) -> bool:
-        """True on every rank once any rank got a stop signal."""
-        local = self.stop_signal is not None
-        if self.dist.enabled:
-            return zdist.any_rank(local, self._flag_device())
-        return local
+        Under torchrun the ranks agree through an all-reduce, done only every ``log.every``
+        steps so that GPU steps are not synchronised with the host each time; a single
+        process checks its flag every step.
+        """
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        if self.log_every > 1 and step % self.log_every:
+            return False
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return zdist.any_rank(self.stop_signal is not None, device)
 
     def _evaluate(self, evaluate: Callable[[int], Mapping[str, Any]], model: torch.nn.Module, step: int,
                   output: FitOutput) -> None:
