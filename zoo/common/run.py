@@ -560,3 +560,26 @@ class Run:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def evaluate_checkpoint(cfg: DictConfig, project: str, build_model: Callable[[DictConfig], torch.nn.Module],
+                        evaluate: Callable[[torch.nn.Module, "Run"], Mapping[str, Any]]) -> dict[str, Any]:
+    """The body of a project's ``evaluate.py``: checkpoint ``cfg.ckpt`` -> ``results.json``.
+
+    Builds the model from the (possibly overridden) config, loads the checkpoint's weights,
+    runs ``evaluate(model, run)`` in eval mode without gradients (test-time options such as
+    ``deq.eval_f_max_iter`` apply through the config) and writes ``results.json`` with
+    ``status: evaluated`` in a new run directory. Returns the metrics::
+
+        @zoo_main("mdeq")
+        def main(cfg):
+            evaluate_checkpoint(cfg, "mdeq", build_model, lambda model, run: test_top1(model, cfg, run))
+    """
+    with Run(cfg, project=project, mode="eval") as run:
+        model = build_model(cfg).to(run.device)
+        run.load_model(model)
+        model.eval()
+        with torch.no_grad():
+            metrics = dict(evaluate(model, run))
+        run.write_results(metrics, checkpoint=str(cfg.get("ckpt")))
+        return metrics
