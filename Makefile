@@ -21,7 +21,9 @@ test-slow: venv
 	$(PY) -m pytest -m "slow or gpu" -q
 
 demo: venv
+	$(PY) -m zoo.mdeq.train +experiment=digits
 	$(PY) -m zoo.mdeq.demo
+	$(PY) scripts/compare_tables.py --table table3 $${ZOO_OUTPUTS:-outputs}/mdeq
 
 bench: venv
 	$(PY) benchmarks/solver_race.py
