@@ -209,7 +209,8 @@ def table_grid(table: dict[str, Any], rows: list[RowSummary]) -> tuple[list[str]
             header.append(col["name"])
         else:
             stat = col.get("stat", "mean")
-            header += [f"{col['name']} (paper)", f"{col['name']} (ours, {'mean ± std' if stat == 'mean' else stat})", "Δ"]
+            shown = "mean ± std" if stat == "mean" else stat
+            header += [f"{col['name']} (paper)", f"{col['name']} (ours, {shown})", "Δ"]
     header.append("Runs")
     grid = []
     for row in rows:

@@ -10,7 +10,7 @@ for the shared runtime options (``configs/run_defaults.yaml``) and for the ``deq
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException

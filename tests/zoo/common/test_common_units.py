@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import MissingConfigException
-from omegaconf import OmegaConf
 
 from zoo.common import (CheckpointManager, MissingDataError, ResumableSampler, build_optimizer,
                         build_scheduler, clip_gradients, compose, deq_metrics, latest_valid,

@@ -41,7 +41,8 @@ def build_model(cfg) -> ToyDEQ:
 def load_data(data_cfg) -> TensorDataset:
     """Synthetic data (labels from a fixed linear map), or ``<data.root>/toy.npz`` when set."""
     if data_cfg.get("root"):
-        root = require_files(data_cfg.root, ["toy.npz"], layout="<root>/toy.npz with arrays x (N, 4) float32, y (N,) int64")
+        root = require_files(data_cfg.root, ["toy.npz"],
+                             layout="<root>/toy.npz with arrays x (N, 4) float32, y (N,) int64")
         arrays = np.load(root / "toy.npz")
         return TensorDataset(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]))
     g = torch.Generator().manual_seed(int(data_cfg.seed))
