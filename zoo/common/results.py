@@ -6,7 +6,8 @@ Fields (all runs)::
     metrics          final metrics (floats), e.g. {"test/top1": 85.3}
     reported         the experiment's ``reported:`` block (paper table, row id, metric)
     deq              DEQ diagnostics of the final evaluation (nfe, nstep, abs/rel residual)
-    wall_time_s, steps, time_per_step_s, peak_memory_mb
+    wall_time_s, steps (this session's), final_step, time_per_step_s (data + train step),
+    peak_memory_mb
     git_commit, git_dirty, versions {python, torch, cuda, cudnn, numpy}, device {type, name, count}
     world_size, config_path (the resolved config beside it), run_dir, checkpoint, created
 

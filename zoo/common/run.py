@@ -181,6 +181,7 @@ class Run:
             self._install_signal_handlers()
         self.train_time_s = 0.0
         self.steps_this_session = 0
+        self.global_step = 0  # the optimiser step `fit` reached (counting steps before a resume)
         self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------ directories
@@ -431,6 +432,7 @@ class Run:
             state = load_checkpoint(resume_path, map_location="cpu")
             self.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, extra=extra_state)
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.global_step = step
             self.resumed_from = resume_path
             self.logger.log(step, {"event": "resumed", "from": str(resume_path)})
 
@@ -446,8 +448,8 @@ class Run:
         window_time, window_steps = 0.0, 0
         while step < total_steps:
             steps_before = step
+            t0 = time.perf_counter()  # a step's time includes fetching its batch, not evaluation
             for batch in batches(epoch, batch_in_epoch):
-                t0 = time.perf_counter()
                 model.train()
                 metrics = train_step(batch, step + 1)
                 if self.device.type == "cuda" and self.log_every and (step + 1) % self.log_every == 0:
@@ -455,6 +457,7 @@ class Run:
                 dt = time.perf_counter() - t0
                 step += 1
                 batch_in_epoch += 1
+                self.global_step = step
                 next(bar_iter, None)
                 self.train_time_s += dt
                 self.steps_this_session += 1
@@ -480,6 +483,7 @@ class Run:
                     return output
                 if step >= total_steps:
                     break
+                t0 = time.perf_counter()
             else:
                 if step == steps_before and batch_in_epoch == 0:
                     raise ValueError(f"batches(epoch={epoch}, start=0) yielded no batch: is the dataset empty?")
@@ -542,7 +546,7 @@ class Run:
             steps=self.steps_this_session or None, peak_memory_mb=peak_memory_mb(self.device),
             device=self.device, status=status, extra=extra,
             time_per_step_s=(self.train_time_s / self.steps_this_session) if self.steps_this_session else None,
-            world_size=self.world_size, run_dir=str(self.out_dir),
+            final_step=self.global_step or None, world_size=self.world_size, run_dir=str(self.out_dir),
             config_path=str(self.out_dir / "config.yaml"),
             resumed_from=str(self.resumed_from) if self.resumed_from else None,
             **fields,

@@ -107,7 +107,9 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp
     run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "resume=auto", outputs=outputs, cwd=tmp_path)
     resumed = (outputs / "toy" / "tiny" / "latest").resolve()
     assert resumed != killed.resolve()
-    assert json.loads((resumed / "results.json").read_text())["resumed_from"] == str(checkpoints / "step_00000004.pt")
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["resumed_from"] == str(checkpoints / "step_00000004.pt")
+    assert (results["steps"], results["final_step"]) == (8, 12)  # this session's steps, the run's last step
     assert_same_params(final_params(resumed), final_params(reference))
 
 
