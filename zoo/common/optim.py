@@ -49,7 +49,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | torch.nn.Module,
     name = str(_get(cfg, "name", "adam")).lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r}: choose one of {OPTIMIZERS}")
-    unknown = set(cfg) - _OPTIM_KEYS[name] - {"name"}
+    unknown = {k for k in cfg if cfg[k] is not None} - _OPTIM_KEYS[name] - {"name"}  # null: not set
     if unknown:
         raise ValueError(f"optim: options {sorted(unknown)} do not apply to {name}; "
                          f"allowed: {sorted(_OPTIM_KEYS[name])}")

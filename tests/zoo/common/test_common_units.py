@@ -114,6 +114,9 @@ def test_step_schedule_and_optimizer_errors():
     with pytest.raises(ValueError, match="betas"):
         build_optimizer(p, {"name": "sgd", "lr": 0.1, "betas": [0.9, 0.99]})
     assert isinstance(build_optimizer(p, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01}), torch.optim.AdamW)
+    # an experiment switching optimiser nulls the options of the other one
+    adam = build_optimizer(p, {"name": "adam", "lr": 1e-3, "momentum": None, "nesterov": None})
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
 
 
 def test_clip_by_norm_and_value():
