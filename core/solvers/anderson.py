@@ -4,12 +4,12 @@ Each step mixes the last n = min(k - 1, m) evaluations: with residuals g_i = f(x
 weights alpha minimise ||sum_i alpha_i g_i|| subject to sum_i alpha_i = 1, and the next
 iterate is sum_i alpha_i f(x_i) - (1 - tau) sum_i alpha_i g_i (tau = 1: undamped).
 
-The weights come from the small system (G G^T + reg I) w = 1, alpha = w / sum(w), solved
+The weights come from the small system (G G^T + reg) w = 1, alpha = w / sum(w), solved
 by a Cholesky factorisation without error checks (`cholesky_ex`), so a singular history
-never raises and never synchronises with the host. `reg = lam * mean(diag(G G^T))` is
-relative to the history's scale (TorchDEQ's lam is absolute, so it dominates once the
-residuals are small); a failed or non-finite solve falls back to the plain fixed-point
-step for that sample. The Gram matrix is kept up to date one row per step (O(m B D)
+never raises and never synchronises with the host. reg adds lam ||g_i||^2 to each
+diagonal entry: relative to the history's scale (TorchDEQ's lam is absolute, so it
+dominates once the residuals are small); a failed or non-finite solve falls back to the
+plain fixed-point step for that sample. The Gram matrix is kept up to date one row per step (O(m B D)
 instead of recomputing O(m^2 B D)), and states in float16/bfloat16 are iterated in float32
 (only `func` sees the state dtype), so the least-squares solve runs in float32.
 """
@@ -58,17 +58,16 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     batch, dim = p.z0.shape
     hist_f = p.z0.new_empty((batch, m, dim), dtype=wdt)  # f(x_i)
     hist_g = p.z0.new_empty((batch, m, dim), dtype=wdt)  # g_i = f(x_i) - x_i
-    gram = p.z0.new_zeros((batch, m, m), dtype=wdt)  # g_i . g_j
+    mixer = _Mixer(batch, m, lam, wdt, p.z0.device)
     x = p.z0.to(wdt)
     for k in range(1, p.max_iter + 1):
         if k > 1:
             n = min(k - 1, m)
-            alpha = _mixing_weights(gram[:, :n, :n], lam, (k - 2) % m)
-            x_mix = torch.bmm(alpha.unsqueeze(1), hist_f[:, :n]).squeeze(1)
+            alpha = mixer.weights(n, (k - 2) % m).unsqueeze(1)
+            x_mix = torch.bmm(alpha, hist_f[:, :n])
             if tau != 1.0:
-                x_mix = torch.baddbmm(x_mix.unsqueeze(1), alpha.unsqueeze(1), hist_g[:, :n],
-                                      alpha=tau - 1.0).squeeze(1)
-            x = tracker.freeze(x_mix, x)
+                x_mix = torch.baddbmm(x_mix, alpha, hist_g[:, :n], alpha=tau - 1.0)
+            x = tracker.freeze(x_mix.squeeze(1), x)
         if low_precision:
             x_state = x.to(p.dtype)
             fx_state = p.call(x_state, tracker)
@@ -80,10 +79,7 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         slot = (k - 1) % m
         hist_f[:, slot] = fx
         hist_g[:, slot] = g
-        n = min(k, m)
-        row = torch.bmm(hist_g[:, :n], g.unsqueeze(2)).squeeze(2)
-        gram[:, slot, :n] = row
-        gram[:, :n, slot] = row
+        mixer.add(slot, _dots(g, hist_g[:, :min(k, m)]))
         abs_res, rel_res = residuals(fx, g, sdt)
         tracker.observe(k, fx_state, abs_res, rel_res)
         if k in want:
@@ -94,28 +90,56 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
 
 
-def _mixing_weights(gram: torch.Tensor, lam: float, newest: int) -> torch.Tensor:
-    """Weights alpha (B, n), summing to 1, minimising ||sum alpha_i g_i||; never raises.
+def _dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, D) . (B, n, D) -> (B, n), as a row-vector product: on CPU, bmm(v^T, R^T) is ~10x
+    faster than bmm(R, v) for these shapes (measured, B=16, n=10, D=8192)."""
+    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
 
-    Solves (G G^T + reg I) w = 1 with reg = lam * mean diagonal (+ a tiny floor so an
-    all-zero history stays positive definite); a sample whose solve fails or is not finite
-    gets the plain fixed-point weights (1 on the newest entry).
+
+class _Mixer:
+    """The regularised Gram matrix of the residual history and the mixing weights.
+
+    The diagonal is stored already regularised, ||g_i||^2 (1 + lam) + a tiny floor (so
+    an all-zero history stays positive definite): regularisation relative to each
+    residual's scale, at no cost per step. Constant tensors are cached per shape.
     """
-    n = gram.shape[-1]
-    if n == 1:
-        return torch.ones_like(gram[:, :, 0])
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
-    reg = lam * scale + torch.finfo(gram.dtype).tiny ** 0.5
-    system = gram + reg.view(-1, 1, 1) * eye
-    chol, info = torch.linalg.cholesky_ex(system)
-    ones = torch.ones_like(gram[:, :, :1])
-    w = torch.cholesky_solve(ones, chol).squeeze(2)
-    alpha = w / w.sum(dim=1, keepdim=True)
-    good = (info == 0) & torch.isfinite(alpha).all(dim=1)
-    plain = torch.zeros(n, dtype=gram.dtype, device=gram.device)
-    plain[newest] = 1.0
-    return torch.where(good.unsqueeze(1), alpha, plain)
+
+    def __init__(self, batch, m, lam, dtype, device):
+        self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
+        self.scale = 1.0 + lam
+        self.floor = torch.finfo(dtype).tiny ** 0.5
+        self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
+        self._plain: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, slot: int, row: torch.Tensor) -> None:
+        """Entry `slot` of the history changed; `row` (B, n) are its dots with entries 0..n-1."""
+        n = row.shape[1]
+        self.gram[:, slot, :n] = row
+        self.gram[:, :n, slot] = row
+        self.gram[:, slot, slot] = row[:, slot] * self.scale + self.floor
+
+    def weights(self, n: int, newest: int) -> torch.Tensor:
+        """alpha (B, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.
+
+        Solves (G G^T + reg) w = 1 by Cholesky and sets alpha = w / sum(w); a sample whose
+        factorisation fails or whose weights are not finite gets the plain fixed-point
+        weights (1 on the newest entry).
+        """
+        if n == 1:
+            return self.ones[:, :1, 0]
+        chol, info = torch.linalg.cholesky_ex(self.gram[:, :n, :n])
+        w = torch.cholesky_solve(self.ones[:, :n], chol).squeeze(2)
+        alpha = w / w.sum(dim=1, keepdim=True)
+        good = (info == 0) & torch.isfinite(alpha).all(dim=1)
+        return torch.where(good.unsqueeze(1), alpha, self._plain_weights(n, newest))
+
+    def _plain_weights(self, n: int, newest: int) -> torch.Tensor:
+        key = (n, newest)
+        if key not in self._plain:
+            plain = torch.zeros(n, dtype=self.gram.dtype, device=self.gram.device)
+            plain[newest] = 1.0
+            self._plain[key] = plain
+        return self._plain[key]
 
 
 register_solver("anderson", anderson)

@@ -15,8 +15,8 @@ is overwritten, so memory is O(m B D) whatever `max_iter` is, and the estimate i
 good Broyden built from the last m pairs (dropping a pair from TorchDEQ's rank-one sum
 instead leaves the later pairs inconsistent, and the iteration can blow up). The Gram
 matrices S^T S and S^T Y are updated one row and column per step. M is solved per sample
-with `linalg.solve_ex` (no error check, no host sync); a sample whose solve is not finite
-takes the plain fixed-point step g. There is no line search: one `func` call per step.
+with `linalg.solve_ex` (no error check, no host sync); non-finite coefficients (a
+singular M) are zeroed, so that sample takes the plain fixed-point step g. There is no line search: one `func` call per step.
 States in float16/bfloat16 are iterated in float32 (only `func` sees the state dtype).
 """
 from __future__ import annotations
@@ -81,12 +81,19 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             captured[k] = tracker.best
         if tracker.done or k == p.max_iter:
             break
-        if x_prev is not None:
-            ring.add(x - x_prev, g - g_prev)
-        step = ring.newton_step(g)
+        if x_prev is None:
+            step = g  # no pairs yet: B = -I, a plain fixed-point step
+        else:
+            step = ring.add_and_step(x - x_prev, g - g_prev, g)
         x_prev, g_prev = x, g
     tracker.nfe = p.nfe
     return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
+
+
+def _dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, D) . (B, n, D) -> (B, n), as a row-vector product: on CPU, bmm(v^T, R^T) is ~10x
+    faster than bmm(R, v) for these shapes (measured, B=16, n=10, D=8192)."""
+    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
 
 
 class _PairRing:
@@ -94,45 +101,44 @@ class _PairRing:
 
     def __init__(self, batch, m, dim, dtype, device):
         self.m = m
-        self.s = torch.zeros(batch, m, dim, dtype=dtype, device=device)
-        self.y = torch.zeros(batch, m, dim, dtype=dtype, device=device)
+        # Only the first min(count, m) slots are ever read, all written first: no zero fill.
+        self.s = torch.empty(batch, m, dim, dtype=dtype, device=device)
+        self.y = torch.empty(batch, m, dim, dtype=dtype, device=device)
         self.ss = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . s_j
         self.sy = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . y_j
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        """Store a pair over the oldest slot and update the Gram rows/columns of that slot."""
+    def add_and_step(self, s: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Store the pair (s, y) over the oldest slot, then return -B^{-1} g.
+
+        The dots of s, y and g with every stored s come from one product (the ring of s is
+        read once); the Gram rows/columns of the new slot are updated in place.
+        """
         slot = self.count % self.m
         self.count += 1
         n = min(self.count, self.m)
         self.s[:, slot] = s
         self.y[:, slot] = y
-        s_col, y_col = s.unsqueeze(2), y.unsqueeze(2)
-        ss_row = torch.bmm(self.s[:, :n], s_col).squeeze(2)
-        self.ss[:, slot, :n] = ss_row
-        self.ss[:, :n, slot] = ss_row
-        self.sy[:, slot, :n] = torch.bmm(self.y[:, :n], s_col).squeeze(2)
-        self.sy[:, :n, slot] = torch.bmm(self.s[:, :n], y_col).squeeze(2)
-
-    def newton_step(self, g: torch.Tensor) -> torch.Tensor:
-        """-B^{-1} g for the current pairs (g itself while there are none)."""
-        n = min(self.count, self.m)
-        if n == 0:
-            return g
-        s, y = self.s[:, :n], self.y[:, :n]
+        s_hist, y_hist = self.s[:, :n], self.y[:, :n]
+        with_s = torch.bmm(torch.stack((s, y, g), dim=1), s_hist.transpose(1, 2))  # (B, 3, n)
+        self.ss[:, slot, :n] = with_s[:, 0]
+        self.ss[:, :n, slot] = with_s[:, 0]
+        self.sy[:, :n, slot] = with_s[:, 1]
+        self.sy[:, slot, :n] = _dots(s, y_hist)
         ss = self.ss[:, :n, :n]
         diag = ss.diagonal(dim1=1, dim2=2)
         # A zero step (a frozen or stalled sample) gives a zero row and column; a unit
         # diagonal there makes that pair inert instead of making M singular.
         system = (ss * self._time_order(n) - self.sy[:, :n, :n] - ss
                   + torch.diag_embed((diag == 0).to(ss.dtype)))
-        rhs = torch.bmm(s, g.unsqueeze(2))
-        coeffs, _ = torch.linalg.solve_ex(system, rhs)
-        correction = torch.baddbmm(torch.bmm(y.transpose(1, 2), coeffs), s.transpose(1, 2), coeffs)
-        step = g + correction.squeeze(2)
-        good = torch.isfinite(step).all(dim=1, keepdim=True)
-        return torch.where(good, step, g)
+        coeffs, _ = torch.linalg.solve_ex(system, with_s[:, 2:].transpose(1, 2))
+        # Checked on the n coefficients, not the D-sized step: zero for a failed solve.
+        coeffs_row = coeffs.transpose(1, 2)  # (B, 1, n): row-vector products are the fast ones
+        good = torch.isfinite(coeffs_row).all(dim=2, keepdim=True)
+        coeffs_row = torch.where(good, coeffs_row, 0.0)
+        correction = torch.baddbmm(torch.bmm(coeffs_row, y_hist), coeffs_row, s_hist)
+        return g + correction.squeeze(1)
 
     def _time_order(self, n: int) -> torch.Tensor:
         """Mask (n, n): slot i was stored no later than slot j (N's upper triangle in time)."""

@@ -102,11 +102,10 @@ class ConvergenceTracker:
         self.return_final = return_final
         self.sync_free = sync_free
         self.best = z0
-        self.lowest_abs = torch.full((batch,), INIT_RESIDUAL, dtype=sdt, device=device)
-        self.lowest_rel = torch.full((batch,), INIT_RESIDUAL, dtype=sdt, device=device)
+        # Row 0: absolute, row 1: relative residuals (one tensor, so one op updates both).
+        self.lowest = torch.full((2, batch), INIT_RESIDUAL, dtype=sdt, device=device)
         self.lowest_step = torch.zeros(batch, dtype=sdt, device=device)
-        self.abs_trace = torch.full((batch, max_iter + 1), INIT_RESIDUAL, dtype=sdt, device=device)
-        self.rel_trace = torch.full((batch, max_iter + 1), INIT_RESIDUAL, dtype=sdt, device=device)
+        self.trace = torch.full((2, batch, max_iter + 1), INIT_RESIDUAL, dtype=sdt, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.caught = torch.zeros(batch, dtype=torch.bool, device=device)
         self.limit = None  # 1e3 x first residual, set at step 1
@@ -139,49 +138,56 @@ class ConvergenceTracker:
                 rel_res: torch.Tensor) -> None:
         """Record step k: `state` (B, D) is what this step would return, with its residuals."""
         active = self.active
-        if self.limit is None:
-            self.limit = DIVERGENCE_FACTOR * abs_res
-        ok = active & torch.isfinite(abs_res) & (abs_res <= self.limit)
-        stop_res = abs_res if self.use_abs else rel_res
+        all_active = self.all_active
+        if self.limit is None:  # -1 for a non-finite first residual: caught at once
+            self.limit = torch.where(torch.isfinite(abs_res), DIVERGENCE_FACTOR * abs_res, -1.0)
+        new = torch.stack((abs_res, rel_res))
+        stop_row = 0 if self.use_abs else 1
+        ok = abs_res <= self.limit  # False for NaN and inf too
+        if not all_active:
+            ok = ok & active
         if self.return_final:
-            improved = ok
-            still_active = ok
+            improved = still_active = ok
         else:
-            lowest = self.lowest_abs if self.use_abs else self.lowest_rel
-            improved = ok & (stop_res < lowest)
+            stop_res = new[stop_row]
+            improved = ok & (stop_res < self.lowest[stop_row])
             still_active = ok & (stop_res >= self.tol)
-        self.caught = self.caught | (active & ~ok)
-        self.lowest_abs = torch.where(improved, abs_res, self.lowest_abs)
-        self.lowest_rel = torch.where(improved, rel_res, self.lowest_rel)
-        self.lowest_step = torch.where(improved, float(k), self.lowest_step)
-        if self.all_active:
-            self.abs_trace[:, k] = abs_res
-            self.rel_trace[:, k] = rel_res
-        else:
-            self.abs_trace[:, k] = torch.where(active, abs_res, self.lowest_abs)
-            self.rel_trace[:, k] = torch.where(active, rel_res, self.lowest_rel)
+        if all_active:
+            self.trace[:, :, k] = new
+        else:  # stopped samples repeat their lowest values (unchanged by this step)
+            self.trace[:, :, k] = torch.where(active, new, self.lowest)
         self.active = still_active
         self.steps = k
         if self.sync_free:
-            self.best = torch.where(improved.unsqueeze(1), state, self.best)
+            self.caught = self.caught | (active & ~ok)
+            self._update_lowest(k, state, new, improved)
             return
-        n_active, n_improved = torch.stack((still_active.sum(), improved.sum())).tolist()
+        # The one host sync of the step: three counts.
+        n_active, n_improved, n_ok = torch.stack((still_active, improved, ok)).sum(dim=1).tolist()
+        if n_ok < self.n_active:
+            self.caught = self.caught | (active & ~ok)
         self.n_active = n_active
         if n_improved == self.batch:
+            self.lowest = new
+            self.lowest_step.fill_(k)
             self.best = state
         elif n_improved:
-            self.best = torch.where(improved.unsqueeze(1), state, self.best)
+            self._update_lowest(k, state, new, improved)
+
+    def _update_lowest(self, k, state, new, improved) -> None:
+        self.lowest = torch.where(improved, new, self.lowest)
+        self.lowest_step = torch.where(improved, float(k), self.lowest_step)
+        self.best = torch.where(improved.unsqueeze(1), state, self.best)
 
     def info(self) -> SolverStat:
         """The statistics of the solve so far; pads traces after an early exit."""
-        if self.steps + 1 < self.abs_trace.shape[1]:
-            self.abs_trace[:, self.steps + 1:] = self.lowest_abs.unsqueeze(1)
-            self.rel_trace[:, self.steps + 1:] = self.lowest_rel.unsqueeze(1)
+        if self.steps + 1 < self.trace.shape[2]:
+            self.trace[:, :, self.steps + 1:] = self.lowest.unsqueeze(2)
         return SolverStat(
-            abs_lowest=self.lowest_abs,
-            rel_lowest=self.lowest_rel,
-            abs_trace=self.abs_trace,
-            rel_trace=self.rel_trace,
+            abs_lowest=self.lowest[0],
+            rel_lowest=self.lowest[1],
+            abs_trace=self.trace[0],
+            rel_trace=self.trace[1],
             nstep=self.lowest_step,
             nfe=self.nfe,
             n_fallback=self.caught.sum(),

@@ -67,8 +67,11 @@ class StateLayout:
         `rows` is the expected number of rows (defaults to all samples); `what` names the
         producer of `state` in error messages.
         """
-        tensors, container = _as_tensors(state, what)
         rows = self.rows if rows is None else rows
+        if (self.container is None and torch.is_tensor(state) and state.dtype == self.dtype
+                and state.shape == self._shape_with_rows(self.shapes[0], rows)):
+            return state.reshape(rows, -1)  # the common case, checked without building lists
+        tensors, container = _as_tensors(state, what)
         if (container is None) != (self.container is None) or len(tensors) != len(self.shapes):
             raise ValueError(
                 f"{what} returned {_describe(state)} but the state is {self._describe()}: "
