@@ -66,17 +66,28 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     return device
 
 
+_CONTROL_GROUP = None  # a gloo group for host-side flags when the main group is NCCL
+
+
 def init_distributed(device: torch.device, info: DistInfo) -> None:
-    """Joins torchrun's process group (NCCL on CUDA, gloo on CPU) when world_size > 1."""
+    """Joins torchrun's process group (NCCL on CUDA, gloo on CPU) when world_size > 1.
+
+    With NCCL a second, gloo group carries host-side control flags (`any_rank`), so that
+    agreeing on a stop never synchronises the GPU stream with the host.
+    """
+    global _CONTROL_GROUP
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    _CONTROL_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
 
 
 def shutdown_distributed() -> None:
+    global _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def barrier() -> None:
@@ -93,13 +104,16 @@ def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = N
     return float(t) / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. a SIGTERM seen by one)."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a SIGTERM seen by one).
+
+    A CPU all-reduce over gloo: no GPU work, no device synchronisation.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return bool(t.item())
 
 
 class ResumableSampler(Sampler[int]):
