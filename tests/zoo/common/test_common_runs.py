@@ -114,19 +114,23 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp
 
 
 @pytest.mark.timeout(300)
-def test_torchrun_two_cpu_ranks_end_with_identical_parameters(tmp_path):
+def test_torchrun_two_cpu_ranks_stop_together_resume_and_end_identical(tmp_path):
     outputs = tmp_path / "outputs"
-    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "train.steps=4", "train.eval_every=0",
+    common = ["+experiment=tiny", "device=cpu", "train.steps=4", "train.eval_every=0"]
+    # only rank 1 is signalled; both ranks must stop after the same step and rank 0 saves it
+    run_toy("toy_train.py", *common, "train.sigterm_at_step=2", "train.sigterm_rank=1",
             outputs=outputs, cwd=tmp_path, torchrun=True)
     runs = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
     assert len(runs) == 1  # rank 1 wrote no run directory of its own
-    run_dir = runs[0]
-    rank0, rank1 = final_params(run_dir, 0), final_params(run_dir, 1)
-    assert_same_params(rank0, rank1)
+    stopped = runs[0]
+    assert [p.name for p in (stopped / "checkpoints").glob("*.pt")] == ["step_00000002.pt"]
+    run_toy("toy_train.py", *common, "resume=auto", outputs=outputs, cwd=tmp_path, torchrun=True)
+    run_dir = (outputs / "toy" / "tiny" / "latest").resolve()
+    assert_same_params(final_params(run_dir, 0), final_params(run_dir, 1))
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["world_size"] == 2
+    assert results["world_size"] == 2 and results["final_step"] == 4 and results["steps"] == 2
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 4]  # written once (rank 0 only): two train logs and the final evaluation
+    assert steps == [2, 4, 4]  # written once (rank 0 only): resumed event, a train log, the evaluation
 
 
 @pytest.mark.timeout(300)

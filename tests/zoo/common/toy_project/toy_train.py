@@ -27,7 +27,8 @@ def main(cfg):
                 logits, info = model(x)
                 loss = torch.nn.functional.cross_entropy(logits, y)
             run.backward_step(loss, optimizer, model.parameters(), cfg.clip, scheduler)
-            if step == cfg.train.sigterm_at_step:  # the tests' pre-emption
+            # the tests' pre-emption: a SIGTERM to this process (on one rank, or on all with -1)
+            if step == cfg.train.sigterm_at_step and cfg.train.sigterm_rank in (-1, run.rank):
                 os.kill(os.getpid(), signal.SIGTERM)
             return {"train/loss": loss, "deq_info": info}
 
