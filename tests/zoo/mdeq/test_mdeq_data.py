@@ -1,7 +1,4 @@
 """MDEQ loaders against fixtures in the real on-disk formats."""
-import os
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -11,28 +8,9 @@ from zoo.mdeq.data import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, b
                            digits_split)
 
 
-def write_cifar(root, n_train=4, n_test=3, bytes_keys=False):
-    """CIFAR-10 python pickles: dicts with `data` uint8 (N, 3072) as R, G, B planes."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
-    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        with open(folder / name, "wb") as fh:
-            pickle.dump({key("batch_label"): name, key("data"): data, key("labels"): labels,
-                         key("filenames"): [f"{i}.png" for i in range(n)]}, fh)
-        written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, fh)
-    return written
-
-
 @pytest.mark.parametrize("bytes_keys", [False, True])
-def test_cifar_pickles_give_images_labels_and_normalisation(tmp_path, bytes_keys):
-    written = write_cifar(tmp_path, bytes_keys=bytes_keys)
+def test_cifar_pickles_give_images_labels_and_normalisation(tmp_path, bytes_keys, cifar_writer):
+    written = cifar_writer(tmp_path, bytes_keys=bytes_keys)
     splits = build_datasets({"name": "cifar10", "root": str(tmp_path), "augment": False})
     assert len(splits.train) == 20 and len(splits.test) == 3
     # Item 5 is the first image of data_batch_2: pixel (c, y, x) = data[c*1024 + y*32 + x].
@@ -46,8 +24,8 @@ def test_cifar_pickles_give_images_labels_and_normalisation(tmp_path, bytes_keys
     assert test_label == written["test_batch"][1][2]
 
 
-def test_cifar_augmentation_crops_and_flips_the_same_pixels(tmp_path):
-    write_cifar(tmp_path)
+def test_cifar_augmentation_crops_and_flips_the_same_pixels(tmp_path, cifar_writer):
+    cifar_writer(tmp_path)
     splits = build_datasets({"name": "cifar10", "root": str(tmp_path), "augment": True})
     torch.manual_seed(0)
     plain = build_datasets({"name": "cifar10", "root": str(tmp_path), "augment": False}).train[0][0]
