@@ -6,16 +6,19 @@ step = DEQ forward + loss + backward. Settings:
 
 - IFT (`ift=True`, fixed_point_iter forward, 20 backward steps), f_max_iter 10 / 40 / 160
 - unrolled BPTT (`f_max_iter=0, grad=K, tau=1`), K = 10 / 40 / 160
-- unrolled with `mem_gc` around each step, K = 10 / 40 / 160 (+ time ratio vs unrolled)
+- unrolled with `mem_gc` around each step, K = 10 / 40 / 160 (+ time ratio vs unrolled,
+  the two timed alternately in one process)
 - the IFT step against TorchDEQ's IFT on the same model and settings, timed alternately in
   one process (ratio ours / TorchDEQ).
 
 Tolerances are set out of reach so every setting runs exactly its number of steps.
 
-Memory, each setting in a fresh subprocess: on CPU the peak RSS during the measured step
-(glibc's MALLOC_MMAP_THRESHOLD_=65536 makes freed large blocks return to the OS, and the
-peak is reset through /proc/self/clear_refs after a warm-up step), minus the RSS before
-it; on CUDA `torch.cuda.max_memory_allocated` minus the allocation before the step.
+Memory, each setting in a fresh subprocess: on CPU the peak RSS of the process (VmHWM)
+and its rise during the measured step (glibc's MALLOC_MMAP_THRESHOLD_=65536 makes freed
+large blocks return to the OS, and the peak is reset through /proc/self/clear_refs after
+a warm-up step); on CUDA `torch.cuda.max_memory_allocated` and its rise over the
+allocation before the step. Time, each setting in another fresh subprocess with the
+default allocator: the median of `--repeats` steps after a warm-up step.
 
     python benchmarks/backward_memory.py                 # CPU, markdown table
     python benchmarks/backward_memory.py --device cuda   # GPU
@@ -116,8 +119,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(mode, k, device, repeats):
-    """(peak extra MiB of one step, median seconds per step) in this process."""
+def measure_memory(mode, k, device):
+    """Extra MiB at the peak of one step over the memory before it, and the absolute peak."""
     import torch
 
     step = make_step(mode, k, device)
@@ -128,20 +131,39 @@ def measure(mode, k, device, repeats):
         before = torch.cuda.memory_allocated()
         step()
         _sync(device)
-        peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset VmHWM (the peak RSS) to the current RSS
-        before = _rss_kib("VmRSS:")
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mib": (peak - before) / 2**20, "abs_peak_mib": peak / 2**20}
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+    before = _rss_kib("VmRSS:")
+    step()
+    peak = _rss_kib("VmHWM:")
+    return {"peak_mib": (peak - before) / 1024, "abs_peak_mib": peak / 1024}
+
+
+def measure_time(mode, k, device, repeats):
+    """Median seconds of one training step (after a warm-up step).
+
+    For `unrolled_gc` the plain unrolled step is timed alternately in the same process,
+    so that their ratio is measured side by side.
+    """
+    steps = {mode: make_step(mode, k, device)}
+    if mode == "unrolled_gc":
+        steps["unrolled"] = make_step("unrolled", k, device)
+    times = {name: [] for name in steps}
+    for step in steps.values():
         step()
-        peak_mib = (_rss_kib("VmHWM:") - before) / 1024
-    times = []
+    _sync(device)
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return peak_mib, statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    result = {"seconds": statistics.median(times[mode])}
+    if mode == "unrolled_gc":
+        result["ratio_vs_unrolled"] = result["seconds"] / statistics.median(times["unrolled"])
+    return result
 
 
 def compare_with_torchdeq(k, device, rounds):
@@ -164,15 +186,19 @@ def child(argv):
     warnings.simplefilter("ignore")  # the unreachable b_tol warns by design
     if args["mode"] == "compare":
         result = compare_with_torchdeq(args["k"], args["device"], args["repeats"])
+    elif args["what"] == "memory":
+        result = measure_memory(args["mode"], args["k"], args["device"])
     else:
-        peak, seconds = measure(args["mode"], args["k"], args["device"], args["repeats"])
-        result = {"peak_mib": peak, "seconds": seconds}
+        result = measure_time(args["mode"], args["k"], args["device"], args["repeats"])
     print("RESULT " + json.dumps(result))
 
 
-def run_child(mode, k, device, repeats):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", WANDB_MODE="offline")
-    spec = json.dumps({"mode": mode, "k": k, "device": device, "repeats": repeats})
+def run_child(mode, k, device, repeats, what="time"):
+    """Run one measurement in a fresh interpreter; memory ones with the fixed mmap threshold."""
+    env = dict(os.environ, WANDB_MODE="offline")
+    if what == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    spec = json.dumps({"mode": mode, "k": k, "device": device, "repeats": repeats, "what": what})
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], env=env,
                          capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
@@ -201,17 +227,19 @@ def main():
     state_mib = BATCH * CHANNELS * SIZE * SIZE * 4 / 2**20
     for mode in ("ift", "unrolled", "unrolled_gc"):
         for k in steps:
-            r = run_child(mode, k, args.device, args.repeats)
+            r = dict(run_child(mode, k, args.device, 0, what="memory"), **run_child(mode, k, args.device, args.repeats))
             results["rows"].append(dict(mode=mode, k=k, **r))
-            print(f"{mode:12s} k={k:4d}  peak {r['peak_mib']:8.1f} MiB  step {r['seconds'] * 1e3:8.1f} ms", flush=True)
+            print(f"{mode:12s} k={k:4d}  peak +{r['peak_mib']:7.1f} MiB (process {r['abs_peak_mib']:7.1f} MiB)  "
+                  f"step {r['seconds'] * 1e3:8.1f} ms", flush=True)
     compare = run_child("compare", args.compare_iter, args.device, args.rounds)
     results["torchdeq"] = dict(compare, f_max_iter=args.compare_iter, ratio=compare["ours"] / compare["torchdeq"])
 
     rows = {(r["mode"], r["k"]): r for r in results["rows"]}
     print(f"\nOne training step, conv cell {CHANNELS}ch {SIZE}x{SIZE} batch {BATCH} on {args.device} "
           f"(state = {state_mib:.2f} MiB); peak = extra memory during the step\n")
-    print("| backward | steps | peak MiB | MiB per extra step | step ms | time vs unrolled |")
-    print("|---|---|---|---|---|---|")
+    peak_name = "peak allocated MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    print(f"| backward | steps | extra MiB in the step | MiB per extra step | {peak_name} | step ms | time vs unrolled |")
+    print("|---|---|---|---|---|---|---|")
     for mode, label in (("ift", "IFT (f_max_iter)"), ("unrolled", "unrolled (grad)"), ("unrolled_gc", "unrolled + mem_gc")):
         for i, k in enumerate(steps):
             r = rows[(mode, k)]
@@ -219,8 +247,9 @@ def main():
             if i:
                 prev = rows[(mode, steps[i - 1])]
                 growth = f"{(r['peak_mib'] - prev['peak_mib']) / (k - steps[i - 1]):.3f}"
-            ratio = f"{r['seconds'] / rows[('unrolled', k)]['seconds']:.2f}x" if mode == "unrolled_gc" else ""
-            print(f"| {label} | {k} | {r['peak_mib']:.1f} | {growth} | {r['seconds'] * 1e3:.1f} | {ratio} |")
+            ratio = f"{r['ratio_vs_unrolled']:.2f}x" if mode == "unrolled_gc" else ""
+            print(f"| {label} | {k} | {r['peak_mib']:.1f} | {growth} | {r['abs_peak_mib']:.1f} | "
+                  f"{r['seconds'] * 1e3:.1f} | {ratio} |")
     t = results["torchdeq"]
     print(f"\nIFT step, f_max_iter {t['f_max_iter']}, b_max_iter {B_MAX_ITER}: ours {t['ours'] * 1e3:.1f} ms, "
           f"TorchDEQ {t['torchdeq'] * 1e3:.1f} ms, ratio ours/TorchDEQ = {t['ratio']:.2f} "

@@ -6,8 +6,8 @@ vector-Jacobian product w.r.t. the inputs that require grad and the module's par
 In a K-step unrolled graph (`f_max_iter=0, grad=K`) each step then holds one state
 instead of all of f's activations, for about one extra forward of f per step.
 
-The random-number state is saved and restored around the recomputation, so dropout inside
-f draws the same mask twice.
+The random-number state is saved and restored around the recomputation (unless
+`preserve_rng_state=False`), so ordinary dropout inside f draws the same mask twice.
 """
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ def _set_rng(state, devices):
 
 class _GradCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, func, n_args, *args):
+    def forward(ctx, func, preserve_rng_state, n_args, *args):
         in_args, params = args[:n_args], args[n_args:]
-        ctx.func, ctx.n_args, ctx.n_params = func, n_args, len(params)
+        ctx.func, ctx.params = func, params
         tensor_idx = [i for i, a in enumerate(in_args) if torch.is_tensor(a)]
         ctx.others = [a if not torch.is_tensor(a) else None for a in in_args]
         ctx.tensor_idx = tensor_idx
         ctx.save_for_backward(*[in_args[i] for i in tensor_idx])
-        ctx.devices = _rng_devices(in_args)
-        ctx.rng = _get_rng(ctx.devices)
+        ctx.devices = _rng_devices(in_args) if preserve_rng_state else None
+        ctx.rng = _get_rng(ctx.devices) if preserve_rng_state else None
         out = func(*in_args)
         ctx.single = torch.is_tensor(out)
         return out if ctx.single else tuple(out)
@@ -64,10 +64,13 @@ class _GradCheckpoint(torch.autograd.Function):
         for i, t in zip(ctx.tensor_idx, saved):
             in_args[i] = t.detach().requires_grad_(t.requires_grad)
         wanted = [in_args[i] for i in ctx.tensor_idx if in_args[i].requires_grad]
-        params = _module_params(ctx.func)
-        with torch.random.fork_rng(devices=ctx.devices):
-            _set_rng(ctx.rng, ctx.devices)
+        params = list(ctx.params)
+        if ctx.rng is None:
             with torch.enable_grad():
+                out = ctx.func(*in_args)
+        else:
+            with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+                _set_rng(ctx.rng, ctx.devices)
                 out = ctx.func(*in_args)
         outs = (out,) if ctx.single else tuple(out)
         pairs = [(o, g) for o, g in zip(outs, out_grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
@@ -75,17 +78,19 @@ class _GradCheckpoint(torch.autograd.Function):
                                     retain_graph=True, allow_unused=True) if pairs else [None] * (len(wanted) + len(params))
         by_arg = iter(grads[: len(wanted)])
         arg_grads = [next(by_arg) if torch.is_tensor(a) and a.requires_grad else None for a in in_args]
-        return (None, None, *arg_grads, *grads[len(wanted):])
+        return (None, None, None, *arg_grads, *grads[len(wanted):])
 
 
-def mem_gc(func: nn.Module, in_args: Optional[Sequence[Any]] = None):
+def mem_gc(func: nn.Module, in_args: Optional[Sequence[Any]] = None, preserve_rng_state: bool = True):
     """`func(*in_args)` without storing f's activations; they are recomputed in backward.
 
     `func` is an nn.Module (its parameters get gradients); `in_args` may mix tensors and
     other values. Gradients reach only `in_args` and `func`'s parameters, so pass a
     tensor f reads (the injection x) as an argument, not through a closure. Returns what
-    `func` returns (a tensor or a tuple of tensors).
+    `func` returns (a tensor or a tuple of tensors). `preserve_rng_state=False` saves
+    the RNG bookkeeping when f draws no random numbers (variational dropout keeps its
+    mask, so a DEQ cell usually does not).
     """
     in_args = tuple(in_args or ())
     params = _module_params(func)
-    return _GradCheckpoint.apply(func, len(in_args), *in_args, *params)
+    return _GradCheckpoint.apply(func, preserve_rng_state, len(in_args), *in_args, *params)

@@ -146,3 +146,17 @@ def test_two_tensor_ift_matches_finite_differences(mode):
     fd = (plus - minus) / (2 * eps)
     analytic = sum((g * d).sum() for g, d in zip(grads, direction))
     assert abs(float(analytic - fd)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(ift=True), dict(hook_ift=True), dict(f_max_iter=0, grad=100)])
+def test_gradients_on_cuda_equal_cpu(options):
+    params = tanh_system(32)
+    v = torch.randn(params[3].shape, dtype=torch.float64)
+    kw = dict(TIGHT, **options)
+    cpu, _, _ = deq_grad(params, v, **kw)
+    cuda_params = [p.detach().to("cuda").requires_grad_() for p in params]
+    gpu, z_out, info = deq_grad(cuda_params, v.to("cuda"), **kw)
+    assert z_out[-1].device.type == "cuda" and info["abs_lowest"].device.type == "cuda"
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a, b.cpu(), atol=1e-10)
