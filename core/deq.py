@@ -197,7 +197,6 @@ class DEQSliced(DEQBase):
         if not infos:
             return z_out, _no_solve_info(func, z)
         return z_out, merge_infos(infos, lengths, solver_kwargs["stop_mode"])
-        return z_out, info
 
 
 class DEQIndexing(DEQBase):
@@ -236,7 +235,7 @@ def merge_infos(infos: Sequence[dict], lengths: Sequence[int], stop_mode: str = 
     """
     if len(infos) == 1:
         return infos[0]
-    merged = dict(infos[-1])
+    merged = type(infos[-1])(infos[-1])  # keeps SolverStat
     key = f"{stop_mode}_lowest"
     best, offset = infos[0], 0
     lowest, nstep = best[key], best["nstep"]
