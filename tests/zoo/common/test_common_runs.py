@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[3]
 PYTHON = sys.executable
 
 
-def run_toy(script, *overrides, outputs, cwd, torchrun=False, timeout=240):
+def run_toy(script, *overrides, outputs, cwd, torchrun=False, timeout=240, python_path=None):
     """Runs a toy script from ``cwd`` with outputs under ``outputs``; returns the process."""
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    python_path = os.pathsep.join(map(str, filter(None, [REPO, python_path, os.environ.get("PYTHONPATH")])))
     env = {**os.environ, "ZOO_OUTPUTS": str(outputs), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
            "HYDRA_FULL_ERROR": "1", "PYTHONPATH": python_path}
     if torchrun:
@@ -96,7 +96,7 @@ def test_evaluating_the_checkpoint_reproduces_the_final_metric(trained, tmp_path
 def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp_path):
     _, reference = trained
     outputs = tmp_path / "outputs"
-    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "train.sigterm_at_step=5", "checkpoint.every=2",
+    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "train.signal_at_step=5", "checkpoint.every=2",
             outputs=outputs, cwd=tmp_path)
     (killed,) = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
     assert not (killed / "results.json").exists() and (killed / "preempted_params.pt").is_file()
@@ -114,11 +114,28 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp
 
 
 @pytest.mark.timeout(300)
+def test_submitit_preemption_requeues_and_resumes_in_the_same_job_dir(trained, tmp_path):
+    """SLURM's path, on submitit's local executor: SIGUSR2 -> checkpoint -> requeue -> resume."""
+    _, reference = trained
+    outputs = tmp_path / "outputs"
+    run_toy("toy_train.py", "-m", "hydra/launcher=local", "+experiment=tiny", "device=cpu",
+            "train.signal_at_step=5", "train.signal=SIGUSR2", outputs=outputs, cwd=tmp_path,
+            python_path=TOY)  # the pickled job imports toy_model by name
+    (job_dir,) = (outputs / "toy" / "tiny").glob("multirun_*/0")
+    log = (job_dir / "metrics.jsonl").read_text()
+    assert '"event": "preempted", "signal": 12' in log and '"event": "resumed"' in log
+    (submitit_log,) = job_dir.parent.glob(".submitit/*/*_0_log.out")
+    assert "Requeued job" in submitit_log.read_text()
+    assert json.loads((job_dir / "results.json").read_text())["resumed_from"].endswith("step_00000005.pt")
+    assert_same_params(final_params(job_dir), final_params(reference))
+
+
+@pytest.mark.timeout(300)
 def test_torchrun_two_cpu_ranks_stop_together_resume_and_end_identical(tmp_path):
     outputs = tmp_path / "outputs"
     common = ["+experiment=tiny", "device=cpu", "train.steps=4", "train.eval_every=0"]
     # only rank 1 is signalled; both ranks must stop after the same step and rank 0 saves it
-    run_toy("toy_train.py", *common, "train.sigterm_at_step=2", "train.sigterm_rank=1",
+    run_toy("toy_train.py", *common, "train.signal_at_step=2", "train.signal_rank=1",
             outputs=outputs, cwd=tmp_path, torchrun=True)
     runs = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
     assert len(runs) == 1  # rank 1 wrote no run directory of its own

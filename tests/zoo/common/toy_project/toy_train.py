@@ -27,9 +27,9 @@ def main(cfg):
                 logits, info = model(x)
                 loss = torch.nn.functional.cross_entropy(logits, y)
             run.backward_step(loss, optimizer, model.parameters(), cfg.clip, scheduler)
-            # the tests' pre-emption: a SIGTERM to this process (on one rank, or on all with -1)
-            if step == cfg.train.sigterm_at_step and cfg.train.sigterm_rank in (-1, run.rank):
-                os.kill(os.getpid(), signal.SIGTERM)
+            # the tests' pre-emption: a signal to this process (on one rank, or on all with -1)
+            if step == cfg.train.signal_at_step and cfg.train.signal_rank in (-1, run.rank):
+                os.kill(os.getpid(), getattr(signal, cfg.train.signal))
             return {"train/loss": loss, "deq_info": info}
 
         out = run.fit(model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
