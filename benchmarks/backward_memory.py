@@ -1,7 +1,8 @@
 """Peak memory and time of one DEQ training step for each backward pass.
 
-Model: the solver race's conv cell, f(z) = GroupNorm(ReLU(conv3x3(z) + u)), 32 channels,
-16x16, batch 16, with u = conv3x3(image) an injection that has parameters. One training
+Model: the solver race's conv cell (`benchmarks/solver_race.py`'s ConvCell),
+f(z) = GroupNorm(ReLU(conv3x3(z) + u)), 32 channels, 16x16, batch 16, with
+u = conv3x3(image) an injection that has parameters. One training
 step = DEQ forward + loss + backward. Settings:
 
 - IFT (`ift=True`, fixed_point_iter forward, 20 backward steps), f_max_iter 10 / 40 / 160
@@ -45,24 +46,15 @@ UNREACHABLE = 1e-30  # a tolerance no solve reaches: fixed step counts
 
 # ------------------------------------------------------------------------ the model
 def build(device):
+    """The solver race's conv cell (its ConvCell), an injection conv and an image batch."""
     import torch
     from torch import nn
 
-    class ConvCell(nn.Module):
-        """The solver race's cell: conv3x3 + ReLU + GroupNorm."""
-
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
-            self.norm = nn.GroupNorm(8, CHANNELS)
-            with torch.no_grad():
-                self.conv.weight.mul_(0.5)
-
-        def forward(self, z, u):
-            return self.norm(torch.relu(self.conv(z) + u))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from solver_race import ConvCell
 
     torch.manual_seed(0)
-    cell = ConvCell().to(device)
+    cell = ConvCell(CHANNELS).to(device)
     inject = nn.Conv2d(3, CHANNELS, 3, padding=1).to(device)
     image = torch.randn(BATCH, 3, SIZE, SIZE, device=device)
     return cell, inject, image
