@@ -193,7 +193,7 @@ class Run:
         if out_dir is None:
             out_dir = _hydra_output_dir()
         if out_dir is None:
-            stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")  # as configs/run_defaults.yaml
             root = Path(os.environ.get("ZOO_OUTPUTS", "outputs"))
             out_dir = root / self.project / self.experiment / stamp
         out_dir = Path(out_dir).absolute()

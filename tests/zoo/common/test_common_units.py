@@ -40,7 +40,7 @@ def test_run_dir_pattern_names_project_experiment_and_time(monkeypatch):
     monkeypatch.setenv("ZOO_OUTPUTS", "/somewhere")
     cfg = toy_cfg("+experiment=wide", hydra=True)
     run_dir = cfg.hydra.run.dir
-    assert run_dir.startswith("/somewhere/toy/wide/") and len(Path(run_dir).name) == len("2026-01-01_00-00-00")
+    assert run_dir.startswith("/somewhere/toy/wide/") and len(Path(run_dir).name) == len("2026-01-01_00-00-00_000000")
 
 
 def test_unknown_experiment_lists_the_available_ones():
