@@ -186,8 +186,7 @@ class Run:
 
     # ------------------------------------------------------------------ directories
     def _config_without_hydra(self) -> DictConfig:
-        cfg = OmegaConf.masked_copy(self.cfg, [k for k in self.cfg.keys() if k != "hydra"])
-        return cfg
+        return OmegaConf.masked_copy(self.cfg, [k for k in self.cfg.keys() if k != "hydra"])
 
     def _decide_out_dir(self, out_dir: str | Path | None) -> Path:
         if out_dir is None:
@@ -235,7 +234,9 @@ class Run:
     def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         """The module inside a DDP / torch.compile wrapper."""
         while True:
-            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            inner = getattr(model, "module", None)
+            if not isinstance(inner, torch.nn.Module):
+                inner = getattr(model, "_orig_mod", None)
             if not isinstance(inner, torch.nn.Module):
                 return model
             model = inner
