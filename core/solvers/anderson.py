@@ -58,7 +58,7 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     batch, dim = p.z0.shape
     hist_f = p.z0.new_empty((batch, m, dim), dtype=wdt)  # f(x_i)
     hist_g = p.z0.new_empty((batch, m, dim), dtype=wdt)  # g_i = f(x_i) - x_i
-    mixer = _Mixer(batch, m, lam, wdt, p.z0.device)
+    mixer = _Mixer(batch, m, lam, wdt, p.z0.device, unrolled=p.sync_free)
     x = p.z0.to(wdt)
     for k in range(1, p.max_iter + 1):
         if k > 1:
@@ -102,9 +102,15 @@ class _Mixer:
     The diagonal is stored already regularised, ||g_i||^2 (1 + lam) + a tiny floor (so
     an all-zero history stays positive definite): regularisation relative to each
     residual's scale, at no cost per step. Constant tensors are cached per shape.
+
+    `unrolled` (sync-free mode) solves with `_spd_solve_unrolled` instead of LAPACK/MAGMA:
+    on CUDA, the batched `cholesky_solve` cannot be captured in a CUDA graph (measured:
+    "operation not permitted when stream is capturing"), and the unrolled solve compiles
+    into a few fused kernels.
     """
 
-    def __init__(self, batch, m, lam, dtype, device):
+    def __init__(self, batch, m, lam, dtype, device, unrolled=False):
+        self.unrolled = unrolled
         self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
         self.scale = 1.0 + lam
         self.floor = torch.finfo(dtype).tiny ** 0.5
@@ -127,10 +133,16 @@ class _Mixer:
         """
         if n == 1:
             return self.ones[:, :1, 0]
-        chol, info = torch.linalg.cholesky_ex(self.gram[:, :n, :n])
-        w = torch.cholesky_solve(self.ones[:, :n], chol).squeeze(2)
+        gram = self.gram[:, :n, :n]
+        if self.unrolled:
+            w = _spd_solve_unrolled(gram, self.ones[:, :n, 0], self.floor)
+            good = torch.isfinite(w).all(dim=1)
+        else:
+            chol, info = torch.linalg.cholesky_ex(gram)
+            w = torch.cholesky_solve(self.ones[:, :n], chol).squeeze(2)
+            good = info == 0
         alpha = w / w.sum(dim=1, keepdim=True)
-        good = (info == 0) & torch.isfinite(alpha).all(dim=1)
+        good = good & torch.isfinite(alpha).all(dim=1)
         return torch.where(good.unsqueeze(1), alpha, self._plain_weights(n, newest))
 
     def _plain_weights(self, n: int, newest: int) -> torch.Tensor:
@@ -140,6 +152,34 @@ class _Mixer:
             plain[newest] = 1.0
             self._plain[key] = plain
         return self._plain[key]
+
+
+def _spd_solve_unrolled(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:
+    """Solve a x = b for a batch of small SPD matrices (B, n, n) with plain tensor ops.
+
+    A Cholesky factorisation unrolled over the n columns, then the two triangular solves;
+    a pivot below `floor` is raised to it, so the solve never fails. Capturable in CUDA
+    graphs and fusible by torch.compile (n is a Python int).
+    """
+    n = a.shape[-1]
+    chol = torch.zeros_like(a)
+    for j in range(n):
+        col = a[:, j:, j] - (chol[:, j:, :j] * chol[:, j:j + 1, :j]).sum(dim=2)
+        head = col[:, :1].clamp_min(floor)
+        chol[:, j:, j] = torch.cat((head, col[:, 1:]), dim=1) / head.sqrt()
+    y = []
+    for i in range(n):  # chol y = b
+        acc = b[:, i]
+        for k in range(i):
+            acc = acc - chol[:, i, k] * y[k]
+        y.append(acc / chol[:, i, i])
+    x = [None] * n
+    for i in reversed(range(n)):  # chol^T x = y
+        acc = y[i]
+        for k in range(i + 1, n):
+            acc = acc - chol[:, k, i] * x[k]
+        x[i] = acc / chol[:, i, i]
+    return torch.stack(x, dim=1)
 
 
 register_solver("anderson", anderson)

@@ -248,10 +248,13 @@ def test_sync_free_matches_eager_without_compile():
                        indexing=[3, 40])
         free = solver(func, torch.zeros(2, 8, dtype=torch.float64), max_iter=60, tol=1e-6,
                       indexing=[3, 40], sync_free=True)
-        assert torch.equal(eager[0], free[0]), solver.__name__
-        assert all(torch.equal(a, b) for a, b in zip(eager[1], free[1]))
-        for key in ("abs_lowest", "rel_lowest", "nstep", "abs_trace", "rel_trace"):
-            assert torch.equal(eager[2][key], free[2][key]), (solver.__name__, key)
+        # (sync-free Anderson solves its small system with other arithmetic: not bitwise)
+        close = dict(rtol=1e-9, atol=1e-12)
+        assert torch.allclose(eager[0], free[0], **close), solver.__name__
+        assert all(torch.allclose(a, b, **close) for a, b in zip(eager[1], free[1]))
+        assert torch.equal(eager[2]["nstep"], free[2]["nstep"])
+        for key in ("abs_lowest", "rel_lowest", "abs_trace", "rel_trace"):
+            assert torch.allclose(eager[2][key], free[2][key], **close), (solver.__name__, key)
         assert free[2]["nfe"] == 60
 
 

@@ -48,3 +48,25 @@ def test_sync_free_compiles_fullgraph_aot_eager(solver):
 @pytest.mark.parametrize("solver", [fixed_point_iter, anderson], ids=lambda s: s.__name__)
 def test_sync_free_compiles_fullgraph_inductor(solver):
     _check_compiled_matches_eager(solver, "inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", [fixed_point_iter, anderson], ids=lambda s: s.__name__)
+def test_solvers_on_cuda_match_cpu_and_capture_in_cuda_graphs(solver):
+    func_cpu = _problem()
+    eager_cpu = solver(func_cpu, torch.zeros(8, 32), max_iter=10, tol=1e-4)
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=gen)
+    w = (0.9 * w / torch.linalg.matrix_norm(w, 2)).to(device)
+    x = (torch.randn(8, 32, generator=gen) * torch.logspace(-4, 0, 8)[:, None]).to(device)
+    func = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731  (the same problem on the GPU)
+    eager = solver(func, torch.zeros(8, 32, device=device), max_iter=10, tol=1e-4)
+    assert (eager[0].cpu() - eager_cpu[0]).abs().max() < 1e-5
+    torch._dynamo.reset()
+    graphed = torch.compile(lambda z0: solver(func, z0, max_iter=10, tol=1e-4, sync_free=True),
+                            fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        z, _, info = graphed(torch.zeros(8, 32, device=device))
+    assert (z - eager[0]).abs().max() < 1e-5
+    assert torch.allclose(info["nstep"], eager[2]["nstep"])
