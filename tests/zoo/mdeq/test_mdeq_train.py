@@ -63,3 +63,27 @@ def test_short_digits_run_writes_results_and_a_loadable_checkpoint(tmp_path, mon
     rows = iteration_sweep(model, splits.test, torch.device("cpu"), [1, 3], 360)
     assert rows[1]["top1"] == pytest.approx(metrics["test/top1"])
     assert rows[0]["rel_residual"] > rows[1]["rel_residual"]
+
+
+def test_evaluate_a_torchdeq_checkpoint_on_cifar_fixtures(tmp_path, monkeypatch, cifar_writer,
+                                                          torchdeq_state_dict):
+    from zoo.mdeq.evaluate import evaluate
+    from zoo.mdeq.model import get_size
+
+    monkeypatch.setenv("ZOO_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.chdir(tmp_path)
+    cifar_writer(tmp_path / "data", n_test=5)
+    ckpt = tmp_path / "final_state.pth"
+    torch.save(torchdeq_state_dict(get_size("tiny")), ckpt)
+    cfg = compose("mdeq", ["+experiment=cifar_tiny", f"data.root={tmp_path / 'data'}", f"ckpt={ckpt}",
+                           "ckpt_format=torchdeq", "deq.f_max_iter=4", "data.num_workers=0",
+                           "eval.sweep=true", "eval.sweep_iterations=[1,4]", *QUIET],
+                  return_hydra_config=True)
+    metrics = evaluate(cfg)
+    assert metrics["test/top1"] in {0.0, 20.0, 40.0, 60.0, 80.0, 100.0}  # 5 test images
+    results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert results["status"] == "evaluated"
+    sweep = results["extra"]["nfe_sweep"]
+    assert [row["iterations"] for row in sweep] == [1, 4]
+    assert sweep[1]["top1"] == pytest.approx(metrics["test/top1"])
+    assert (next((tmp_path / "outputs").rglob("nfe_sweep.png"))).stat().st_size > 0
