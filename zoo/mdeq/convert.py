@@ -105,11 +105,12 @@ def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
     unexpected = sorted(set(state) - set(target))
     wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(
-            "TorchDEQ checkpoint does not fit this MDEQ (is model.size right?):"
-            + (f"\n  missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "")
-            + (f"\n  unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
-            + (f"\n  shape mismatch: {[(k, tuple(state[k].shape), tuple(target[k].shape)) for k in wrong[:8]]}"
-               if wrong else ""))
+        def listed(label, keys):
+            return f"\n  {label}: {keys[:8]}{' ...' if len(keys) > 8 else ''}" if keys else ""
+
+        shapes = [(k, tuple(state[k].shape), tuple(target[k].shape)) for k in wrong]
+        raise ValueError("TorchDEQ checkpoint does not fit this MDEQ (is model.size right?):"
+                         + listed("missing", missing) + listed("unexpected", unexpected)
+                         + listed("shape mismatch", shapes))
     model.load_state_dict(state, strict=True)
     return model

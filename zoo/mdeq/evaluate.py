@@ -39,12 +39,13 @@ def iteration_sweep(model: torch.nn.Module, dataset: Dataset, device: torch.devi
 def format_sweep(rows: Sequence[dict[str, float]]) -> str:
     """The sweep as a fixed-width table."""
     lines = [f"{'iterations':>10}  {'top-1 %':>8}  {'abs residual':>12}  {'rel residual':>12}"]
-    lines += [f"{r['iterations']:>10d}  {r['top1']:>8.2f}  {r['abs_residual']:>12.3e}  {r['rel_residual']:>12.3e}"
-              for r in rows]
+    lines += [f"{r['iterations']:>10d}  {r['top1']:>8.2f}  {r['abs_residual']:>12.3e}  "
+              f"{r['rel_residual']:>12.3e}" for r in rows]
     return "\n".join(lines)
 
 
-def save_sweep(rows: Sequence[dict[str, float]], out_dir: Path | str, title: str = "MDEQ") -> tuple[Path, Path]:
+def save_sweep(rows: Sequence[dict[str, float]], out_dir: Path | str,
+               title: str = "MDEQ") -> tuple[Path, Path]:
     """Writes ``nfe_sweep.json`` and ``nfe_sweep.png`` (accuracy and residual vs budget)."""
     import matplotlib
 

@@ -265,12 +265,13 @@ class MDEQ(nn.Module):
 
     `deq` is anything `DEQConfig.from_any` reads (solver, iterations, phantom gradient or
     IFT, norm options). Weight norm (or spectral norm) is applied to f_theta only, as in
-    the reference; `norm_filter_out` lists module-name parts to leave unnormalised
-    (the ImageNet recipe skips the fusion: ``["fuse"]``).
+    the reference; `norm_filter_out` lists module-name parts to leave unnormalised (the
+    ImageNet recipe's ``["fuse"]``, like the reference's ``fuse_layers`` substring, skips
+    both the fusion and the post-fuse convs).
 
-    `forward(x, solver_kwargs=None)` returns ``(logits, info)``: `logits` is a list with one tensor per
-    returned DEQ state (fixed-point correction uses all of them; the last is the best),
-    `info` the solver statistics.
+    `forward(x, solver_kwargs=None)` returns ``(logits, info)``: `logits` is a list with
+    one tensor per returned DEQ state (fixed-point correction uses all of them; the last
+    is the best), `info` the solver statistics.
     """
 
     def __init__(self, size: str | MDEQSize = "tiny", deq: Any = None, dropout: float = 0.0,

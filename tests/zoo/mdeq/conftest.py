@@ -1,4 +1,5 @@
-"""Fixtures of the MDEQ tests: CIFAR-10 in its real on-disk format and a state dict with\nthe TorchDEQ zoo MDEQ's key names."""
+"""Fixtures of the MDEQ tests: CIFAR-10 in its real on-disk format and a state dict with
+the TorchDEQ zoo MDEQ's key names."""
 import pickle
 
 import numpy as np

@@ -103,3 +103,25 @@ def test_digits_micro_mdeq_training_lowers_the_loss():
     with torch.no_grad():
         after = F.cross_entropy(model(x)[0][-1], y).item()
     assert after < 0.6 * before, (before, after)  # measured: 2.30 -> 1.11
+
+
+@pytest.mark.gpu
+def test_tiny_training_step_on_cuda_matches_cpu(tmp_path, cifar_writer):
+    torch.manual_seed(0)
+    x, y = _fixture_batch(tmp_path, cifar_writer)
+    deq = {"f_solver": "broyden", "f_max_iter": 6, "grad": 2, "tau": 0.5}
+    cpu_model = MDEQ("tiny", deq=deq)
+    gpu_model = MDEQ("tiny", deq=deq)
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model.to("cuda")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    losses = []
+    for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
+        logits, _ = model(x.to(device))
+        loss = classification_loss(logits, y.to(device), gamma=0.8)
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    cpu_grad = cpu_model.head.classifier.weight.grad
+    torch.testing.assert_close(gpu_model.head.classifier.weight.grad.cpu(), cpu_grad, rtol=1e-2, atol=1e-4)
