@@ -61,7 +61,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     captured = {0: p.z0} if 0 in want else {}
 
     batch, dim = p.z0.shape
-    ring = _PairRing(batch, m, dim, wdt, p.z0.device)
+    ring = _PairRing(batch, m, dim, wdt, p.z0.device, sync_free=p.sync_free)
     x = p.z0.to(wdt)
     x_prev = g_prev = step = None
     for k in range(1, p.max_iter + 1):
@@ -84,7 +84,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         if x_prev is None:
             step = g  # no pairs yet: B = -I, a plain fixed-point step
         else:
-            step = ring.add_and_step(x - x_prev, g - g_prev, g)
+            step = ring.add_and_step(x, x_prev, g, g_prev)
         x_prev, g_prev = x, g
     tracker.nfe = p.nfe
     return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
@@ -99,8 +99,9 @@ def _dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class _PairRing:
     """The last m pairs (s_i, y_i) per sample, their Gram matrices, and the Broyden step."""
 
-    def __init__(self, batch, m, dim, dtype, device):
+    def __init__(self, batch, m, dim, dtype, device, sync_free=False):
         self.m = m
+        self.sync_free = sync_free
         # Only the first min(count, m) slots are ever read, all written first: no zero fill.
         self.s = torch.empty(batch, m, dim, dtype=dtype, device=device)
         self.y = torch.empty(batch, m, dim, dtype=dtype, device=device)
@@ -109,17 +110,23 @@ class _PairRing:
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add_and_step(self, s: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Store the pair (s, y) over the oldest slot, then return -B^{-1} g.
+    def add_and_step(self, x, x_prev, g, g_prev) -> torch.Tensor:
+        """Store s = x - x_prev, y = g - g_prev over the oldest slot, then return -B^{-1} g.
 
-        The dots of s, y and g with every stored s come from one product (the ring of s is
-        read once); the Gram rows/columns of the new slot are updated in place.
+        s and y are written straight into the ring; the dots of s, y and g with every
+        stored s come from one product (the ring of s is read once); the Gram
+        rows/columns of the new slot are updated in place.
         """
         slot = self.count % self.m
         self.count += 1
         n = min(self.count, self.m)
-        self.s[:, slot] = s
-        self.y[:, slot] = y
+        if self.sync_free:  # torch.compile rejects `out=` into a strided view
+            s, y = x - x_prev, g - g_prev
+            self.s[:, slot] = s
+            self.y[:, slot] = y
+        else:
+            s = torch.sub(x, x_prev, out=self.s[:, slot])
+            y = torch.sub(g, g_prev, out=self.y[:, slot])
         s_hist, y_hist = self.s[:, :n], self.y[:, :n]
         with_s = torch.bmm(torch.stack((s, y, g), dim=1), s_hist.transpose(1, 2))  # (B, 3, n)
         self.ss[:, slot, :n] = with_s[:, 0]

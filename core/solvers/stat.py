@@ -16,8 +16,9 @@ sample (row):
   catches it: a residual that is non-finite or above 1e3 x its first residual freezes
   the sample at its best state and counts it in `n_fallback`.
 
-Eager mode does one small host synchronisation per step (two counts), used to stop when
-no sample is active and to skip masking work while every sample is active. Sync-free mode
+Eager mode does one small host synchronisation per step (three counts), used to stop when
+no sample is active, to skip masking work while every sample is active and to skip the
+best-state select when every sample improved. Sync-free mode
 never reads a tensor value on the host: masks are applied with `torch.where`, shapes are
 static, and the solver runs all `max_iter` steps, so `torch.compile(fullgraph=True)` and
 CUDA graphs can capture it.

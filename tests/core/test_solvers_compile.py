@@ -9,7 +9,7 @@ machine, so it is marked slow.
 import pytest
 import torch
 
-from core.solvers import anderson, fixed_point_iter
+from core.solvers import anderson, broyden, fixed_point_iter
 
 KEYS = ("abs_lowest", "rel_lowest", "nstep", "abs_trace", "rel_trace", "n_fallback")
 
@@ -39,7 +39,8 @@ def _check_compiled_matches_eager(solver, backend):
                               atol=1e-6), key
 
 
-@pytest.mark.parametrize("solver", [fixed_point_iter, anderson], ids=lambda s: s.__name__)
+@pytest.mark.parametrize("solver", [fixed_point_iter, anderson, broyden],
+                         ids=lambda s: s.__name__)
 def test_sync_free_compiles_fullgraph_aot_eager(solver):
     _check_compiled_matches_eager(solver, "aot_eager")
 
