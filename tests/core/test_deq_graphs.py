@@ -219,3 +219,23 @@ def test_tuple_states_in_every_graph(core, backward):
     ref = torch.autograd.grad(loss(reference(f, [torch.zeros_like(x), torch.zeros_like(x)])[0][-1]), (w, u, x))
     for g, r in zip(got, ref):
         assert torch.allclose(g, r, atol=1e-9)
+
+
+def test_reset_deq_recomputes_norms_and_redraws_dropout_masks():
+    from torch import nn
+
+    from core.deq import reset_deq
+    from core.norm import apply_norm
+    from core.utils.dropout import VariationalDropout
+
+    torch.manual_seed(0)
+    cell = nn.Sequential(nn.Linear(4, 4), VariationalDropout(0.5))
+    apply_norm(cell)
+    cell(torch.randn(3, 4))
+    assert cell[1].mask is not None
+    with torch.no_grad():
+        cell[0].weight_v.mul_(-1.0)  # flips the effective weight once it is recomputed
+    before = cell[0].weight.detach().clone()
+    reset_deq(cell)
+    assert cell[1].mask is None
+    assert torch.allclose(cell[0].weight, -before)
