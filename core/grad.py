@@ -7,12 +7,12 @@ the same structure), and a detached state `z`, and returns a list of states that
 the gradient. They build graphs only when autograd is on (under `torch.no_grad()` the
 states come back plain):
 
-- `ift_grad`: one call z_out = f(z*) with autograd on, wrapped in an autograd.Function
+- `ift_grad`: one call z_out = f(z*) that keeps its graph, wrapped in an autograd.Function
   whose backward solves g = g J_f(z*) + dL/dz_out with the backward solver, one
   vector-Jacobian product per solver step (J is never formed), and then sends g through
   f's graph to f's inputs and parameters: dL/dtheta = g df/dtheta.
 - `hook_ift_grad`: the same linear solve, run from a tensor hook on z_out.
-- `phantom_grad`: `steps` damped steps z <- tau f(z) + (1 - tau) z with autograd on
+- `phantom_grad`: `steps` damped steps z <- tau f(z) + (1 - tau) z that keep their graph
   (TorchDEQ's phantom gradient; unrolled BPTT is f_max_iter=0, grad=K, tau=1).
 
 `backward_factory` builds one of these as a functor `(func, z, writer=None) -> list`,
@@ -30,11 +30,13 @@ from core.utils.flatten import pack, unpack
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
-__all__ = ["backward_factory", "ift_grad", "hook_ift_grad", "phantom_grad", "make_pair", "state_tensors", "detach_state", "damped_step"]
+__all__ = ["backward_factory", "ift_grad", "hook_ift_grad", "phantom_grad", "damped_step", "make_pair",
+           "state_tensors", "detach_state"]
 
 
 # ----------------------------------------------------------------------------- states
 def state_tensors(z: State) -> Tuple[torch.Tensor, ...]:
+    """The tensors of a state (a tensor, or a tuple/list of tensors), as a tuple."""
     return (z,) if torch.is_tensor(z) else tuple(z)
 
 
