@@ -146,3 +146,24 @@ def test_mem_gc_keeps_only_inputs():
     plain_saved = sum(saved)
     assert gc_saved == 5 * 2 * x.numel()  # (z, x) per step
     assert plain_saved > gc_saved
+
+
+def test_mem_gc_through_weight_norm():
+    """f reads a weight recomputed once per forward (reset_norm): gradients still reach g and v."""
+    from core.norm import apply_norm, reset_norm
+
+    torch.manual_seed(0)
+    cell = Cell()
+    apply_norm(cell)
+    x = torch.randn(4, 8, dtype=torch.float64)
+
+    def grads(use_gc):
+        reset_norm(cell)
+        f = (lambda z: mem_gc(cell, (z, x))) if use_gc else (lambda z: cell(z, x))
+        z_out, _ = get_deq(f_max_iter=0, grad=6)(f, torch.zeros_like(x))
+        return torch.autograd.grad(z_out[-1].square().sum(), list(cell.parameters()))
+
+    names = [n for n, _ in cell.named_parameters()]
+    assert "lin.weight_v" in names and "lin.weight_g" in names
+    for a, b in zip(grads(True), grads(False)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13)
