@@ -28,6 +28,7 @@ default allocator: the median of `--repeats` steps after a warm-up step.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -223,8 +224,9 @@ def main():
             results["rows"].append(dict(mode=mode, k=k, **r))
             print(f"{mode:12s} k={k:4d}  peak +{r['peak_mib']:7.1f} MiB (process {r['abs_peak_mib']:7.1f} MiB)  "
                   f"step {r['seconds'] * 1e3:8.1f} ms", flush=True)
-    compare = run_child("compare", args.compare_iter, args.device, args.rounds)
-    results["torchdeq"] = dict(compare, f_max_iter=args.compare_iter, ratio=compare["ours"] / compare["torchdeq"])
+    if importlib.util.find_spec("torchdeq") is not None:
+        compare = run_child("compare", args.compare_iter, args.device, args.rounds)
+        results["torchdeq"] = dict(compare, f_max_iter=args.compare_iter, ratio=compare["ours"] / compare["torchdeq"])
 
     rows = {(r["mode"], r["k"]): r for r in results["rows"]}
     print(f"\nOne training step, conv cell {CHANNELS}ch {SIZE}x{SIZE} batch {BATCH} on {args.device} "
@@ -242,10 +244,13 @@ def main():
             ratio = f"{r['ratio_vs_unrolled']:.2f}x" if mode == "unrolled_gc" else ""
             print(f"| {label} | {k} | {r['peak_mib']:.1f} | {growth} | {r['abs_peak_mib']:.1f} | "
                   f"{r['seconds'] * 1e3:.1f} | {ratio} |")
-    t = results["torchdeq"]
-    print(f"\nIFT step, f_max_iter {t['f_max_iter']}, b_max_iter {B_MAX_ITER}: ours {t['ours'] * 1e3:.1f} ms, "
-          f"TorchDEQ {t['torchdeq'] * 1e3:.1f} ms, ratio ours/TorchDEQ = {t['ratio']:.2f} "
-          f"(median of {args.rounds} alternated rounds, one process)")
+    t = results.get("torchdeq")
+    if t is None:
+        print("\nTorchDEQ is not installed (pip install -e '.[bench]'): no IFT comparison")
+    else:
+        print(f"\nIFT step, f_max_iter {t['f_max_iter']}, b_max_iter {B_MAX_ITER}: ours {t['ours'] * 1e3:.1f} ms, "
+              f"TorchDEQ {t['torchdeq'] * 1e3:.1f} ms, ratio ours/TorchDEQ = {t['ratio']:.2f} "
+              f"(median of {args.rounds} alternated rounds, one process)")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
