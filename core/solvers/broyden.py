@@ -8,16 +8,20 @@ in the compact form of Byrd, Nocedal and Schnabel (1994),
 
 and by the Woodbury identity the quasi-Newton step -B^{-1} g is
 
-    g + (Y + S) M^{-1} (S^T g),     M = N - S^T Y - S^T S   (n x n).
+    g + P M^{-1} (S^T g),     P = Y + S,     M = N - S^T P   (n x n).
 
-S, Y live in a preallocated ring of m slots (default 20): when it is full the oldest pair
+The columns of P are p_i = f(x_{i+1}) - f(x_i), so the ring stores S and P (not Y): each
+step reads the ring three times (S with s, p and g stacked; P with s; P for the step).
+
+S, P live in a preallocated ring of m slots (default 20): when it is full the oldest pair
 is overwritten, so memory is O(m B D) whatever `max_iter` is, and the estimate is exactly
 good Broyden built from the last m pairs (dropping a pair from TorchDEQ's rank-one sum
 instead leaves the later pairs inconsistent, and the iteration can blow up). The Gram
-matrices S^T S and S^T Y are updated one row and column per step. M is solved per sample
-with `linalg.solve_ex` (no error check, no host sync); non-finite coefficients (a
-singular M) are zeroed, so that sample takes the plain fixed-point step g. There is no line search: one `func` call per step.
-States in float16/bfloat16 are iterated in float32 (only `func` sees the state dtype).
+matrices S^T S and S^T P are updated one row and column per step. M is solved per
+sample with `linalg.solve_ex` (no error check, no host sync); non-finite coefficients
+(a singular M) are zeroed, so that sample takes the plain fixed-point step g. There is
+no line search: one `func` call per step. States in float16/bfloat16 are iterated in
+float32 (only `func` sees the state dtype).
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     batch, dim = p.z0.shape
     ring = _PairRing(batch, m, dim, wdt, p.z0.device, sync_free=p.sync_free)
     x = p.z0.to(wdt)
-    x_prev = g_prev = step = None
+    x_prev = fx_prev = step = None
     for k in range(1, p.max_iter + 1):
         if step is not None:
             x = tracker.freeze(x + step, x)
@@ -84,8 +88,8 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         if x_prev is None:
             step = g  # no pairs yet: B = -I, a plain fixed-point step
         else:
-            step = ring.add_and_step(x, x_prev, g, g_prev)
-        x_prev, g_prev = x, g
+            step = ring.add_and_step(x, x_prev, fx, fx_prev, g)
+        x_prev, fx_prev = x, fx
     tracker.nfe = p.nfe
     return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
 
@@ -97,23 +101,23 @@ def _dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class _PairRing:
-    """The last m pairs (s_i, y_i) per sample, their Gram matrices, and the Broyden step."""
+    """The last m pairs (s_i, p_i) per sample, their Gram matrices, and the Broyden step."""
 
     def __init__(self, batch, m, dim, dtype, device, sync_free=False):
         self.m = m
         self.sync_free = sync_free
         # Only the first min(count, m) slots are ever read, all written first: no zero fill.
         self.s = torch.empty(batch, m, dim, dtype=dtype, device=device)
-        self.y = torch.empty(batch, m, dim, dtype=dtype, device=device)
+        self.p = torch.empty(batch, m, dim, dtype=dtype, device=device)
         self.ss = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . s_j
-        self.sy = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . y_j
+        self.sp = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . p_j
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
-    def add_and_step(self, x, x_prev, g, g_prev) -> torch.Tensor:
-        """Store s = x - x_prev, y = g - g_prev over the oldest slot, then return -B^{-1} g.
+    def add_and_step(self, x, x_prev, fx, fx_prev, g) -> torch.Tensor:
+        """Store s = x - x_prev, p = f(x) - f(x_prev) over the oldest slot; return -B^{-1} g.
 
-        s and y are written straight into the ring; the dots of s, y and g with every
+        s and p are written straight into the ring; the dots of s, p and g with every
         stored s come from one product (the ring of s is read once); the Gram
         rows/columns of the new slot are updated in place.
         """
@@ -121,31 +125,30 @@ class _PairRing:
         self.count += 1
         n = min(self.count, self.m)
         if self.sync_free:  # torch.compile rejects `out=` into a strided view
-            s, y = x - x_prev, g - g_prev
+            s, p = x - x_prev, fx - fx_prev
             self.s[:, slot] = s
-            self.y[:, slot] = y
+            self.p[:, slot] = p
         else:
             s = torch.sub(x, x_prev, out=self.s[:, slot])
-            y = torch.sub(g, g_prev, out=self.y[:, slot])
-        s_hist, y_hist = self.s[:, :n], self.y[:, :n]
-        with_s = torch.bmm(torch.stack((s, y, g), dim=1), s_hist.transpose(1, 2))  # (B, 3, n)
+            p = torch.sub(fx, fx_prev, out=self.p[:, slot])
+        s_hist, p_hist = self.s[:, :n], self.p[:, :n]
+        with_s = torch.bmm(torch.stack((s, p, g), dim=1), s_hist.transpose(1, 2))  # (B, 3, n)
         self.ss[:, slot, :n] = with_s[:, 0]
         self.ss[:, :n, slot] = with_s[:, 0]
-        self.sy[:, :n, slot] = with_s[:, 1]
-        self.sy[:, slot, :n] = _dots(s, y_hist)
+        self.sp[:, :n, slot] = with_s[:, 1]
+        self.sp[:, slot, :n] = _dots(s, p_hist)
         ss = self.ss[:, :n, :n]
         diag = ss.diagonal(dim1=1, dim2=2)
-        # A zero step (a frozen or stalled sample) gives a zero row and column; a unit
-        # diagonal there makes that pair inert instead of making M singular.
-        system = (ss * self._time_order(n) - self.sy[:, :n, :n] - ss
+        # A zero step (a frozen or stalled sample) gives a zero row in M; a unit diagonal
+        # there makes that pair inert instead of making M singular.
+        system = (ss * self._time_order(n) - self.sp[:, :n, :n]
                   + torch.diag_embed((diag == 0).to(ss.dtype)))
         coeffs, _ = torch.linalg.solve_ex(system, with_s[:, 2:].transpose(1, 2))
         # Checked on the n coefficients, not the D-sized step: zero for a failed solve.
         coeffs_row = coeffs.transpose(1, 2)  # (B, 1, n): row-vector products are the fast ones
         good = torch.isfinite(coeffs_row).all(dim=2, keepdim=True)
         coeffs_row = torch.where(good, coeffs_row, 0.0)
-        correction = torch.baddbmm(torch.bmm(coeffs_row, y_hist), coeffs_row, s_hist)
-        return g + correction.squeeze(1)
+        return torch.baddbmm(g.unsqueeze(1), coeffs_row, p_hist).squeeze(1)
 
     def _time_order(self, n: int) -> torch.Tensor:
         """Mask (n, n): slot i was stored no later than slot j (N's upper triangle in time)."""
