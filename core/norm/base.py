@@ -56,7 +56,17 @@ class DEQNorm:
     convolutions, whose weight is (in, out, ...)).
     """
 
-    _target_modules: Dict[type, Tuple[Union[str, Sequence[str]], Union[int, Sequence[int]]]] = {}
+    # The layers both norms decorate: (weight name, output dim); transposed convolutions
+    # store their weight as (in, out, ...). register_norm_module adds more per norm.
+    _target_modules: Dict[type, Tuple[Union[str, Sequence[str]], Union[int, Sequence[int]]]] = {
+        nn.Linear: ("weight", 0),
+        nn.Conv1d: ("weight", 0),
+        nn.Conv2d: ("weight", 0),
+        nn.Conv3d: ("weight", 0),
+        nn.ConvTranspose1d: ("weight", 1),
+        nn.ConvTranspose2d: ("weight", 1),
+        nn.ConvTranspose3d: ("weight", 1),
+    }
     _source_suffix = "_v"
 
     def __init__(self, names: Sequence[str], dims: Sequence[int], config: DEQConfig):

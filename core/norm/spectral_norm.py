@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from core.norm.base import DEQNorm
 
@@ -40,15 +39,6 @@ def _as_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
 class SpectralNorm(DEQNorm):
     """Spectral normalisation by persistent power iteration, with TorchDEQ's per-row scale."""
 
-    _target_modules = {
-        nn.Linear: ("weight", 0),
-        nn.Conv1d: ("weight", 0),
-        nn.Conv2d: ("weight", 0),
-        nn.Conv3d: ("weight", 0),
-        nn.ConvTranspose1d: ("weight", 1),
-        nn.ConvTranspose2d: ("weight", 1),
-        nn.ConvTranspose3d: ("weight", 1),
-    }
     _source_suffix = "_orig"
 
     def __init__(self, names, dims, config):

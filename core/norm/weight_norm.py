@@ -8,7 +8,6 @@ shaped like TorchDEQ's (g is (out, 1, ..., 1), or (1, out, 1, ...) for transpose
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from core.norm.base import DEQNorm
 
@@ -27,15 +26,6 @@ def row_norm(weight: torch.Tensor, dim: int) -> torch.Tensor:
 class WeightNorm(DEQNorm):
     """Weight normalisation over output rows, with learnable scale and optional clipping."""
 
-    _target_modules = {
-        nn.Linear: ("weight", 0),
-        nn.Conv1d: ("weight", 0),
-        nn.Conv2d: ("weight", 0),
-        nn.Conv3d: ("weight", 0),
-        nn.ConvTranspose1d: ("weight", 1),
-        nn.ConvTranspose2d: ("weight", 1),
-        nn.ConvTranspose3d: ("weight", 1),
-    }
     _source_suffix = "_v"
 
     def _norm_of(self, module, name, dim, weight, first, update):
