@@ -107,8 +107,7 @@ class _PairRing:
         self.m = m
         self.sync_free = sync_free
         # Only the first min(count, m) slots are ever read, all written first: no zero fill.
-        self.s = torch.empty(batch, m, dim, dtype=dtype, device=device)
-        self.p = torch.empty(batch, m, dim, dtype=dtype, device=device)
+        self.s, self.p = torch.empty(2, batch, m, dim, dtype=dtype, device=device).unbind(0)
         self.ss = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . s_j
         self.sp = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . p_j
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
