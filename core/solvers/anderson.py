@@ -19,7 +19,7 @@ import torch
 
 from .problem import FixedPointProblem
 from .registry import register_solver
-from .stat import residuals, stat_dtype
+from .stat import REL_EPS, stat_dtype
 
 __all__ = ["anderson"]
 
@@ -75,12 +75,18 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             fx = fx_state.to(wdt)
         else:
             fx_state = fx = p.call(x, tracker)
-        g = fx - x
         slot = (k - 1) % m
         hist_f[:, slot] = fx
-        hist_g[:, slot] = g
-        mixer.add(slot, _dots(g, hist_g[:, :min(k, m)]))
-        abs_res, rel_res = residuals(fx, g, sdt)
+        if p.sync_free:  # torch.compile rejects `out=` into a strided view
+            g = fx - x
+            hist_g[:, slot] = g
+        else:
+            g = torch.sub(fx, x, out=hist_g[:, slot])
+        dots = _dots(g, hist_g[:, :min(k, m)])
+        mixer.add(slot, dots)
+        # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
+        abs_res = dots[:, slot].sqrt().to(sdt)
+        rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1, dtype=sdt) + REL_EPS)
         tracker.observe(k, fx_state, abs_res, rel_res)
         if k in want:
             captured[k] = tracker.best
