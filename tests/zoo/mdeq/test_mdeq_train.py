@@ -87,3 +87,16 @@ def test_evaluate_a_torchdeq_checkpoint_on_cifar_fixtures(tmp_path, monkeypatch,
     assert [row["iterations"] for row in sweep] == [1, 4]
     assert sweep[1]["top1"] == pytest.approx(metrics["test/top1"])
     assert (next((tmp_path / "outputs").rglob("nfe_sweep.png"))).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_digits_reaches_the_offline_target_over_three_seeds(tmp_path, monkeypatch):
+    """The README's offline claim: median test top-1 >= 97.5% over seeds 0, 1, 2 (~3 min each)."""
+    monkeypatch.setenv("ZOO_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.chdir(tmp_path)
+    accuracies = []
+    for seed in (0, 1, 2):
+        cfg = compose("mdeq", ["+experiment=digits", f"seed={seed}", "eval.sweep=false", *QUIET],
+                      return_hydra_config=True)
+        accuracies.append(train(cfg)["test/top1"])
+    assert sorted(accuracies)[1] >= 97.5, accuracies
