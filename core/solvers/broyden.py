@@ -16,8 +16,11 @@ step reads the ring three times (S with s, p and g stacked; P with s; P for the 
 S, P live in a preallocated ring of m slots (default 20): when it is full the oldest pair
 is overwritten, so memory is O(m B D) whatever `max_iter` is, and the estimate is exactly
 good Broyden built from the last m pairs (dropping a pair from TorchDEQ's rank-one sum
-instead leaves the later pairs inconsistent, and the iteration can blow up). The Gram
-matrices S^T S and S^T P are updated one row and column per step. M is solved per
+instead leaves the later pairs inconsistent, and the iteration can blow up). M itself is
+kept, one row and column per step: the newest pair's column is s_i . s - s_i . p (every
+other pair is older) and its row -s . p_j, so no mask or Gram rebuild runs per step; the
+entries between the other pairs do not change, and a dropped pair's row and column are
+overwritten by the new pair's. M is solved per
 sample with `linalg.solve_ex` (no error check, no host sync); non-finite coefficients
 (a singular M) are zeroed, so that sample takes the plain fixed-point step g. There is
 no line search: one `func` call per step. States in float16/bfloat16 are iterated in
@@ -101,24 +104,22 @@ def _dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class _PairRing:
-    """The last m pairs (s_i, p_i) per sample, their Gram matrices, and the Broyden step."""
+    """The last m pairs (s_i, p_i) per sample, the matrix M, and the Broyden step."""
 
     def __init__(self, batch, m, dim, dtype, device, sync_free=False):
         self.m = m
         self.sync_free = sync_free
         # Only the first min(count, m) slots are ever read, all written first: no zero fill.
         self.s, self.p = torch.empty(2, batch, m, dim, dtype=dtype, device=device).unbind(0)
-        self.ss = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . s_j
-        self.sp = torch.zeros(batch, m, m, dtype=dtype, device=device)  # s_i . p_j
+        self.system = torch.zeros(batch, m, m, dtype=dtype, device=device)  # M, by slot
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def add_and_step(self, x, x_prev, fx, fx_prev, g) -> torch.Tensor:
         """Store s = x - x_prev, p = f(x) - f(x_prev) over the oldest slot; return -B^{-1} g.
 
         s and p are written straight into the ring; the dots of s, p and g with every
-        stored s come from one product (the ring of s is read once); the Gram
-        rows/columns of the new slot are updated in place.
+        stored s come from one product (the ring of s is read once); the row and column
+        of M for the new slot are updated in place.
         """
         slot = self.count % self.m
         self.count += 1
@@ -132,31 +133,20 @@ class _PairRing:
             p = torch.sub(fx, fx_prev, out=self.p[:, slot])
         s_hist, p_hist = self.s[:, :n], self.p[:, :n]
         with_s = torch.bmm(torch.stack((s, p, g), dim=1), s_hist.transpose(1, 2))  # (B, 3, n)
-        self.ss[:, slot, :n] = with_s[:, 0]
-        self.ss[:, :n, slot] = with_s[:, 0]
-        self.sp[:, :n, slot] = with_s[:, 1]
-        self.sp[:, slot, :n] = _dots(s, p_hist)
-        ss = self.ss[:, :n, :n]
-        diag = ss.diagonal(dim1=1, dim2=2)
+        column = with_s[:, 0] - with_s[:, 1]  # s_i . s - s_i . p, the new slot's diagonal too
+        ss_new = with_s[:, 0, slot]
+        self.system[:, slot, :n] = _dots(s, p_hist).neg_()
+        self.system[:, :n, slot] = column
         # A zero step (a frozen or stalled sample) gives a zero row in M; a unit diagonal
         # there makes that pair inert instead of making M singular.
-        system = (ss * self._time_order(n) - self.sp[:, :n, :n]
-                  + torch.diag_embed((diag == 0).to(ss.dtype)))
-        coeffs, _ = torch.linalg.solve_ex(system, with_s[:, 2:].transpose(1, 2))
+        self.system[:, slot, slot] = column[:, slot] + (ss_new == 0).to(column.dtype)
+        coeffs, _ = torch.linalg.solve_ex(self.system[:, :n, :n],
+                                          with_s[:, 2:].transpose(1, 2))
         # Checked on the n coefficients, not the D-sized step: zero for a failed solve.
         coeffs_row = coeffs.transpose(1, 2)  # (B, 1, n): row-vector products are the fast ones
         good = torch.isfinite(coeffs_row).all(dim=2, keepdim=True)
         coeffs_row = torch.where(good, coeffs_row, 0.0)
         return torch.baddbmm(g.unsqueeze(1), coeffs_row, p_hist).squeeze(1)
-
-    def _time_order(self, n: int) -> torch.Tensor:
-        """Mask (n, n): slot i was stored no later than slot j (N's upper triangle in time)."""
-        oldest = self.count % self.m if self.count >= self.m else 0
-        key = (n, oldest)
-        if key not in self._masks:
-            age = (torch.arange(n, device=self.s.device) - oldest) % n
-            self._masks[key] = (age.unsqueeze(1) <= age.unsqueeze(0)).to(self.s.dtype)
-        return self._masks[key]
 
 
 register_solver("broyden", broyden)
