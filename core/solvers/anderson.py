@@ -19,7 +19,7 @@ import torch
 
 from .problem import FixedPointProblem
 from .registry import register_solver
-from .stat import REL_EPS, stat_dtype
+from .stat import REL_EPS, row_dots, stat_dtype
 
 __all__ = ["anderson"]
 
@@ -82,7 +82,7 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             hist_g[:, slot] = g
         else:
             g = torch.sub(fx, x, out=hist_g[:, slot])
-        dots = _dots(g, hist_g[:, :min(k, m)])
+        dots = row_dots(g, hist_g[:, :min(k, m)])
         mixer.add(slot, dots)
         # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
         abs_res = dots[:, slot].sqrt().to(sdt)
@@ -94,12 +94,6 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             break
     tracker.nfe = p.nfe
     return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
-
-
-def _dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, D) . (B, n, D) -> (B, n), as a row-vector product: on CPU, bmm(v^T, R^T) is ~10x
-    faster than bmm(R, v) for these shapes (measured, B=16, n=10, D=8192)."""
-    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
 
 
 class _Mixer:
