@@ -92,8 +92,7 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             captured[k] = tracker.best
         if tracker.done:
             break
-    tracker.nfe = p.nfe
-    return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
+    return p.result(tracker, captured)
 
 
 class _Mixer:

@@ -93,8 +93,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         else:
             step = ring.add_and_step(x, x_prev, fx, fx_prev, g)
         x_prev, fx_prev = x, fx
-    tracker.nfe = p.nfe
-    return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
+    return p.result(tracker, captured)
 
 
 class _PairRing:

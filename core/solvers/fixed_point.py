@@ -61,8 +61,7 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
             captured[k] = tracker.best
         if tracker.done:
             break
-    tracker.nfe = p.nfe
-    return p.unpack(tracker.best), p.states_at(captured, tracker.best), tracker.info()
+    return p.result(tracker, captured)
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,

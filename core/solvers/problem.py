@@ -109,6 +109,11 @@ class FixedPointProblem:
         """A (B, D) matrix back into the structure of x0."""
         return self.layout.unflatten(z)
 
+    def result(self, tracker: ConvergenceTracker, captured: dict[int, torch.Tensor]):
+        """The solver's return value: (best state, states at `indexing`, info with nfe)."""
+        tracker.nfe = self.nfe
+        return self.unpack(tracker.best), self.states_at(captured, tracker.best), tracker.info()
+
     def states_at(self, captured: dict[int, torch.Tensor], final: torch.Tensor) -> list:
         """One state per entry of `indexing`: captured at that step, else the final best."""
         return [self.unpack(captured.get(i, final)) for i in self.indexing]
