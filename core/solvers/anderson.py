@@ -19,7 +19,7 @@ import torch
 
 from .problem import FixedPointProblem
 from .registry import register_solver
-from .stat import REL_EPS, row_dots, stat_dtype
+from .stat import REL_EPS, row_dots, row_mix, stat_dtype
 
 __all__ = ["anderson"]
 
@@ -63,11 +63,11 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     for k in range(1, p.max_iter + 1):
         if k > 1:
             n = min(k - 1, m)
-            alpha = mixer.weights(n, (k - 2) % m).unsqueeze(1)
-            x_mix = torch.bmm(alpha, hist_f[:, :n])
+            alpha = mixer.weights(n, (k - 2) % m)
+            x_mix = row_mix(alpha, hist_f[:, :n])
             if tau != 1.0:
-                x_mix = torch.baddbmm(x_mix, alpha, hist_g[:, :n], alpha=tau - 1.0)
-            x = tracker.freeze(x_mix.squeeze(1), x)
+                x_mix = x_mix.add_(row_mix(alpha, hist_g[:, :n]), alpha=tau - 1.0)
+            x = tracker.freeze(x_mix, x)
         if low_precision:
             x_state = x.to(p.dtype)
             fx_state = p.call(x_state, tracker)

@@ -32,7 +32,7 @@ import torch
 
 from .problem import FixedPointProblem
 from .registry import register_solver
-from .stat import residuals, row_dots, stat_dtype
+from .stat import residuals, row_dots, row_mix, stat_dtype
 
 __all__ = ["broyden"]
 
@@ -136,10 +136,9 @@ class _PairRing:
         coeffs, _ = torch.linalg.solve_ex(self.system[:, :n, :n],
                                           with_s[:, 2:].transpose(1, 2))
         # Checked on the n coefficients, not the D-sized step: zero for a failed solve.
-        coeffs_row = coeffs.transpose(1, 2)  # (B, 1, n): row-vector products are the fast ones
-        good = torch.isfinite(coeffs_row).all(dim=2, keepdim=True)
-        coeffs_row = torch.where(good, coeffs_row, 0.0)
-        return torch.baddbmm(g.unsqueeze(1), coeffs_row, p_hist).squeeze(1)
+        coeffs = coeffs.squeeze(2)
+        good = torch.isfinite(coeffs).all(dim=1, keepdim=True)
+        return row_mix(torch.where(good, coeffs, 0.0), p_hist).add_(g)
 
 
 register_solver("broyden", broyden)
