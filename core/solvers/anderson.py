@@ -5,8 +5,8 @@ weights alpha minimise ||sum_i alpha_i g_i|| subject to sum_i alpha_i = 1, and t
 iterate is sum_i alpha_i f(x_i) - (1 - tau) sum_i alpha_i g_i (tau = 1: undamped).
 
 The weights come from the small system (G G^T + reg) w = 1, alpha = w / sum(w), solved
-by a Cholesky factorisation without error checks (`cholesky_ex`), so a singular history
-never raises and never synchronises with the host. reg adds lam ||g_i||^2 to each
+without error checks (`solve_ex` for small histories, `cholesky_ex` for larger), so a
+singular history never raises and never synchronises with the host. reg adds lam ||g_i||^2 to each
 diagonal entry: relative to the history's scale (TorchDEQ's lam is absolute, so it
 dominates once the residuals are small); a failed or non-finite solve falls back to the
 plain fixed-point step for that sample. The Gram matrix is kept up to date one row per step (O(m B D)
@@ -126,7 +126,7 @@ class _Mixer:
     def weights(self, n: int, newest: int) -> torch.Tensor:
         """alpha (B, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.
 
-        Solves (G G^T + reg) w = 1 by Cholesky and sets alpha = w / sum(w); a sample whose
+        Solves (G G^T + reg) w = 1 and sets alpha = w / sum(w); a sample whose
         factorisation fails or whose weights are not finite gets the plain fixed-point
         weights (1 on the newest entry).
         """
@@ -137,8 +137,7 @@ class _Mixer:
             w = _spd_solve_unrolled(gram, self.ones[:, :n, 0], self.floor)
             good = torch.isfinite(w).all(dim=1)
         else:
-            chol, info = torch.linalg.cholesky_ex(gram)
-            w = torch.cholesky_solve(self.ones[:, :n], chol).squeeze(2)
+            w, info = _spd_solve_ex(gram, self.ones[:, :n])
             good = info == 0
         alpha = w / w.sum(dim=1, keepdim=True)
         good = good & torch.isfinite(alpha).all(dim=1)
@@ -151,6 +150,22 @@ class _Mixer:
             plain[newest] = 1.0
             self._plain[key] = plain
         return self._plain[key]
+
+
+# Up to this size, a batched LU solve (`solve_ex`, one call) is faster on CPU than
+# `cholesky_ex` + `cholesky_solve` (measured, B=512: n=2..6: 110-215 us vs 195-290 us);
+# for larger n Cholesky wins (n=20: 1.9 ms vs 3.7 ms).
+_LU_MAX_N = 8
+
+
+def _spd_solve_ex(a: torch.Tensor, b: torch.Tensor):
+    """Solve a x = b for a batch of SPD matrices without error checks: (x (B, n), info (B,))."""
+    if a.shape[-1] <= _LU_MAX_N:
+        x, info = torch.linalg.solve_ex(a, b)
+    else:
+        chol, info = torch.linalg.cholesky_ex(a)
+        x = torch.cholesky_solve(b, chol)
+    return x.squeeze(2), info
 
 
 def _spd_solve_unrolled(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:
