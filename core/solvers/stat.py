@@ -122,10 +122,17 @@ class ConvergenceTracker:
         self.return_final = return_final
         self.sync_free = sync_free
         self.best = z0
-        # Row 0: absolute, row 1: relative residuals (one tensor, so one op updates both).
+        # Row 0: absolute, row 1: relative residuals (one tensor, so one op updates both);
+        # `lowest_stop` is the row of `stop_mode`, kept as its own view (no select per step).
         self.lowest = torch.full((2, batch), INIT_RESIDUAL, dtype=sdt, device=device)
-        self.lowest_step = torch.zeros(batch, dtype=sdt, device=device)
-        self.trace = torch.full((2, batch, max_iter + 1), INIT_RESIDUAL, dtype=sdt, device=device)
+        self.lowest_stop = self.lowest[0 if self.use_abs else 1]
+        # Step of each sample's lowest residual; after a step where every sample improved
+        # it is the host int `all_step` instead (no fill per step), made a tensor on demand.
+        self._lowest_step = None
+        self.all_step = 0
+        # Step-major (max_iter + 1, 2, batch): step k's residuals are one contiguous block,
+        # which the eager step writes directly (info() returns (batch, steps) views).
+        self.trace = torch.full((max_iter + 1, 2, batch), INIT_RESIDUAL, dtype=sdt, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.caught = torch.zeros(batch, dtype=torch.bool, device=device)
         self.limit = None  # 1e3 x first residual, set at step 1
@@ -154,6 +161,13 @@ class ConvergenceTracker:
             return new
         return torch.where(self.active.unsqueeze(1), new, old)
 
+    @property
+    def lowest_step(self) -> torch.Tensor:
+        """Per-sample step of the lowest `stop_mode` residual (float, as TorchDEQ's nstep)."""
+        if self._lowest_step is None:
+            return self.lowest.new_full((self.batch,), float(self.all_step))
+        return self._lowest_step
+
     def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
                 rel_res: torch.Tensor) -> None:
         """Record step k: `state` (B, D) is what this step would return, with its residuals."""
@@ -161,21 +175,20 @@ class ConvergenceTracker:
         all_active = self.all_active
         if self.limit is None:  # -1 for a non-finite first residual: caught at once
             self.limit = torch.where(torch.isfinite(abs_res), DIVERGENCE_FACTOR * abs_res, -1.0)
-        new = torch.stack((abs_res, rel_res))
-        stop_row = 0 if self.use_abs else 1
+        stop_res = abs_res if self.use_abs else rel_res
         ok = abs_res <= self.limit  # False for NaN and inf too
         if not all_active:
             ok = ok & active
         if self.return_final:
             improved = still_active = ok
         else:
-            stop_res = new[stop_row]
-            improved = ok & (stop_res < self.lowest[stop_row])
+            improved = ok & (stop_res < self.lowest_stop)
             still_active = ok & (stop_res >= self.tol)
-        if all_active:
-            self.trace[:, :, k] = new
+        if all_active and not self.sync_free and not abs_res.requires_grad:  # no copy
+            new = torch.stack((abs_res, rel_res), out=self.trace[k])
         else:  # stopped samples repeat their lowest values (unchanged by this step)
-            self.trace[:, :, k] = torch.where(active, new, self.lowest)
+            new = torch.stack((abs_res, rel_res))
+            self.trace[k] = new if all_active else torch.where(active, new, self.lowest)
         self.active = still_active
         self.steps = k
         if self.sync_free:
@@ -189,25 +202,29 @@ class ConvergenceTracker:
         self.n_active = n_active
         if n_improved == self.batch:
             self.lowest = new
-            self.lowest_step.fill_(k)
+            self.lowest_stop = stop_res
+            self._lowest_step = None
+            self.all_step = k
             self.best = state
         elif n_improved:
             self._update_lowest(k, state, new, improved)
 
     def _update_lowest(self, k, state, new, improved) -> None:
         self.lowest = torch.where(improved, new, self.lowest)
-        self.lowest_step = torch.where(improved, float(k), self.lowest_step)
+        self.lowest_stop = self.lowest[0 if self.use_abs else 1]
+        self._lowest_step = torch.where(improved, float(k), self.lowest_step)
         self.best = torch.where(improved.unsqueeze(1), state, self.best)
 
     def info(self) -> SolverStat:
         """The statistics of the solve so far; pads traces after an early exit."""
-        if self.steps + 1 < self.trace.shape[2]:
-            self.trace[:, :, self.steps + 1:] = self.lowest.unsqueeze(2)
+        if self.steps + 1 < self.trace.shape[0]:
+            self.trace[self.steps + 1:] = self.lowest
+        trace = self.trace.permute(1, 2, 0)  # (2, batch, max_iter + 1)
         return SolverStat(
             abs_lowest=self.lowest[0],
             rel_lowest=self.lowest[1],
-            abs_trace=self.trace[0],
-            rel_trace=self.trace[1],
+            abs_trace=trace[0],
+            rel_trace=trace[1],
             nstep=self.lowest_step,
             nfe=self.nfe,
             n_fallback=self.caught.sum(),
