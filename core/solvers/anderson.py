@@ -135,13 +135,17 @@ class _Mixer:
         gram = self.gram[:, :n, :n]
         if self.unrolled:
             w = _spd_solve_unrolled(gram, self.ones[:, :n, 0], self.floor)
-            good = torch.isfinite(w).all(dim=1)
+            failed = None
         else:
-            w, info = _spd_solve_ex(gram, self.ones[:, :n])
-            good = info == 0
+            w, failed = _spd_solve_ex(gram, self.ones[:, :n])
         alpha = w / w.sum(dim=1, keepdim=True)
-        good = good & torch.isfinite(alpha).all(dim=1)
-        return torch.where(good.unsqueeze(1), alpha, self._plain_weights(n, newest))
+        # The weights are finite iff their sum is (a NaN or inf entry makes it NaN or inf),
+        # and x - x == 0 iff x is finite: two ops on (B, 1) instead of isfinite + all.
+        total = alpha.sum(dim=1, keepdim=True)
+        good = (total - total) == 0
+        if failed is not None:
+            good = good & ~failed.unsqueeze(1)
+        return torch.where(good, alpha, self._plain_weights(n, newest))
 
     def _plain_weights(self, n: int, newest: int) -> torch.Tensor:
         key = (n, newest)
@@ -159,13 +163,16 @@ _LU_MAX_N = 8
 
 
 def _spd_solve_ex(a: torch.Tensor, b: torch.Tensor):
-    """Solve a x = b for a batch of SPD matrices without error checks: (x (B, n), info (B,))."""
+    """Solve a x = b for a batch of SPD matrices without error checks.
+
+    Returns (x (B, n), failed): `failed` (B,) flags a failed Cholesky factorisation (its
+    output can be finite garbage), or is None for the LU solve, whose only failure, an
+    exactly zero pivot, divides by zero and so shows in x as inf or NaN.
+    """
     if a.shape[-1] <= _LU_MAX_N:
-        x, info = torch.linalg.solve_ex(a, b)
-    else:
-        chol, info = torch.linalg.cholesky_ex(a)
-        x = torch.cholesky_solve(b, chol)
-    return x.squeeze(2), info
+        return torch.linalg.solve_ex(a, b)[0].squeeze(2), None
+    chol, info = torch.linalg.cholesky_ex(a)
+    return torch.cholesky_solve(b, chol).squeeze(2), info != 0
 
 
 def _spd_solve_unrolled(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:

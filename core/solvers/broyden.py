@@ -132,12 +132,14 @@ class _PairRing:
         self.system[:, :n, slot] = column
         # A zero step (a frozen or stalled sample) gives a zero row in M; a unit diagonal
         # there makes that pair inert instead of making M singular.
-        self.system[:, slot, slot] = column[:, slot] + (ss_new == 0).to(column.dtype)
+        self.system[:, slot, slot] = column[:, slot] + (ss_new == 0)
         coeffs, _ = torch.linalg.solve_ex(self.system[:, :n, :n],
                                           with_s[:, 2:].transpose(1, 2))
         # Checked on the n coefficients, not the D-sized step: zero for a failed solve.
         coeffs = coeffs.squeeze(2)
-        good = torch.isfinite(coeffs).all(dim=1, keepdim=True)
+        # Finite iff their sum is, and x - x == 0 iff x is finite: cheaper than isfinite + all.
+        total = coeffs.sum(dim=1, keepdim=True)
+        good = (total - total) == 0
         return row_mix(torch.where(good, coeffs, 0.0), p_hist).add_(g)
 
 
