@@ -12,7 +12,7 @@ independent. A tensor with fewer than 2 dims follows TorchDEQ: each element is a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,12 @@ class StateLayout:
     dtype: torch.dtype
     device: torch.device
     whole_state: bool
+    # A single (B, D) tensor: its own packed matrix (no reshape either way). Derived.
+    _is_matrix: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_is_matrix", self.container is None
+                           and len(self.shapes[0]) == 2 and not self.whole_state)
 
     @classmethod
     def of(cls, state, whole_state: bool = False) -> "StateLayout":
@@ -70,7 +76,8 @@ class StateLayout:
         rows = self.rows if rows is None else rows
         if (self.container is None and torch.is_tensor(state) and state.dtype == self.dtype
                 and state.shape == self._shape_with_rows(self.shapes[0], rows)):
-            return state.reshape(rows, -1)  # the common case, checked without building lists
+            # The common case, checked without building lists; a (rows, D) state as is.
+            return state if self._is_matrix else state.reshape(rows, -1)
         tensors, container = _as_tensors(state, what)
         if (container is None) != (self.container is None) or len(tensors) != len(self.shapes):
             raise ValueError(
@@ -90,6 +97,8 @@ class StateLayout:
 
     def unflatten(self, matrix: torch.Tensor):
         """Unpack a (rows, D) matrix (any number of rows) into this layout's structure."""
+        if self._is_matrix:
+            return matrix
         rows = matrix.shape[0]
         if len(self.shapes) == 1:
             out = [matrix.reshape(self._shape_with_rows(self.shapes[0], rows))]
