@@ -19,7 +19,8 @@ import torch
 
 from .problem import FixedPointProblem
 from .registry import register_solver
-from .stat import REL_EPS, row_dots, row_mix, stat_dtype
+from . import workspace
+from .stat import row_dots, row_mix, stat_dtype
 
 __all__ = ["anderson"]
 
@@ -56,42 +57,44 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     captured = {0: p.z0} if 0 in want else {}
 
     batch, dim = p.z0.shape
-    hist_f = p.z0.new_empty((batch, m, dim), dtype=wdt)  # f(x_i)
-    hist_g = p.z0.new_empty((batch, m, dim), dtype=wdt)  # g_i = f(x_i) - x_i
-    mixer = _Mixer(batch, m, lam, wdt, p.z0.device, unrolled=p.sync_free)
-    x = p.z0.to(wdt)
-    for k in range(1, p.max_iter + 1):
-        if k > 1:
-            n = min(k - 1, m)
-            alpha = mixer.weights(n, (k - 2) % m)
-            x_mix = row_mix(alpha, hist_f[:, :n])
-            if tau != 1.0:
-                x_mix = x_mix.add_(row_mix(alpha, hist_g[:, :n]), alpha=tau - 1.0)
-            x = tracker.freeze(x_mix, x)
-        if low_precision:
-            x_state = x.to(p.dtype)
-            fx_state = p.call(x_state, tracker)
-            x = x_state.to(wdt)
-            fx = fx_state.to(wdt)
-        else:
-            fx_state = fx = p.call(x, tracker)
-        slot = (k - 1) % m
-        hist_f[:, slot] = fx
-        if p.sync_free:  # torch.compile rejects `out=` into a strided view
-            g = fx - x
-            hist_g[:, slot] = g
-        else:
-            g = torch.sub(fx, x, out=hist_g[:, slot])
-        dots = row_dots(g, hist_g[:, :min(k, m)])
-        mixer.add(slot, dots)
-        # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
-        abs_res = dots[:, slot].sqrt().to(sdt)
-        rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1, dtype=sdt) + REL_EPS)
-        tracker.observe(k, fx_state, abs_res, rel_res)
-        if k in want:
-            captured[k] = tracker.best
-        if tracker.done:
-            break
+    # The history, and two buffers the mixed iterates alternate in (func gets one while
+    # the other holds the previous iterate, which a frozen sample keeps).
+    with (workspace.lend((2, batch, m, dim), wdt, p.z0.device) as history,
+          workspace.lend((2, batch, dim), wdt, p.z0.device) as iterates):
+        hist_f, hist_g = history.unbind(0)  # f(x_i) and g_i = f(x_i) - x_i
+        mixer = _Mixer(batch, m, lam, wdt, p.z0.device, unrolled=p.sync_free)
+        x = p.z0.to(wdt)
+        for k in range(1, p.max_iter + 1):
+            if k > 1:
+                n = min(k - 1, m)
+                alpha = mixer.weights(n, (k - 2) % m)
+                x_mix = row_mix(alpha, hist_f[:, :n], out=None if p.sync_free else iterates[k % 2])
+                if tau != 1.0:
+                    x_mix = x_mix.add_(row_mix(alpha, hist_g[:, :n]), alpha=tau - 1.0)
+                x = tracker.freeze(x_mix, x)
+            if low_precision:
+                x_state = x.to(p.dtype)
+                fx_state = p.call(x_state, tracker)
+                x = x_state.to(wdt)
+                fx = fx_state.to(wdt)
+            else:
+                fx_state = fx = p.call(x, tracker)
+            slot = (k - 1) % m
+            hist_f[:, slot] = fx
+            if p.sync_free:  # torch.compile rejects `out=` into a strided view
+                g = fx - x
+                hist_g[:, slot] = g
+            else:
+                g = torch.sub(fx, x, out=hist_g[:, slot])
+            dots = row_dots(g, hist_g[:, :min(k, m)])
+            mixer.add(slot, dots)
+            # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
+            tracker.observe(k, fx_state, dots[:, slot].sqrt(),
+                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt))
+            if k in want:
+                captured[k] = tracker.best
+            if tracker.done:
+                break
     return p.result(tracker, captured)
 
 
@@ -100,7 +103,7 @@ class _Mixer:
 
     The diagonal is stored already regularised, ||g_i||^2 (1 + lam) + a tiny floor (so
     an all-zero history stays positive definite): regularisation relative to each
-    residual's scale, at no cost per step. Constant tensors are cached per shape.
+    residual's scale, at no cost per step.
 
     `unrolled` (sync-free mode) solves with `_spd_solve_unrolled` instead of LAPACK/MAGMA:
     on CUDA, the batched `cholesky_solve` cannot be captured in a CUDA graph (measured:
@@ -114,7 +117,7 @@ class _Mixer:
         self.scale = 1.0 + lam
         self.floor = torch.finfo(dtype).tiny ** 0.5
         self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
-        self._plain: dict[tuple[int, int], torch.Tensor] = {}
+        self.eye = torch.eye(m, dtype=dtype, device=device)
 
     def add(self, slot: int, row: torch.Tensor) -> None:
         """Entry `slot` of the history changed; `row` (B, n) are its dots with entries 0..n-1."""
@@ -145,15 +148,7 @@ class _Mixer:
         good = (total - total) == 0
         if failed is not None:
             good = good & ~failed.unsqueeze(1)
-        return torch.where(good, alpha, self._plain_weights(n, newest))
-
-    def _plain_weights(self, n: int, newest: int) -> torch.Tensor:
-        key = (n, newest)
-        if key not in self._plain:
-            plain = torch.zeros(n, dtype=self.gram.dtype, device=self.gram.device)
-            plain[newest] = 1.0
-            self._plain[key] = plain
-        return self._plain[key]
+        return torch.where(good, alpha, self.eye[newest, :n])  # row `newest`: plain weights
 
 
 # Up to this size, a batched LU solve (`solve_ex`, one call) is faster on CPU than

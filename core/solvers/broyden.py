@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 
 from .problem import FixedPointProblem
+from . import workspace
 from .registry import register_solver
-from .stat import residuals, row_dots, row_mix, stat_dtype
+from .stat import row_dots, row_mix, stat_dtype
 
 __all__ = ["broyden"]
 
@@ -68,64 +69,85 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     captured = {0: p.z0} if 0 in want else {}
 
     batch, dim = p.z0.shape
-    ring = _PairRing(batch, m, dim, wdt, p.z0.device, sync_free=p.sync_free)
-    x = p.z0.to(wdt)
-    x_prev = fx_prev = step = None
-    for k in range(1, p.max_iter + 1):
-        if step is not None:
-            x = tracker.freeze(x + step, x)
-        if low_precision:
-            x_state = x.to(p.dtype)
-            x = x_state.to(wdt)
-            fx = p.call(x_state, tracker).to(wdt)
-        else:
-            x_state = x
-            fx = p.call(x, tracker)
-        g = fx - x
-        abs_res, rel_res = residuals(fx, g, sdt)
-        tracker.observe(k, x_state, abs_res, rel_res)
-        if k in want:
-            captured[k] = tracker.best
-        if tracker.done or k == p.max_iter:
-            break
-        if x_prev is None:
-            step = g  # no pairs yet: B = -I, a plain fixed-point step
-        else:
-            step = ring.add_and_step(x, x_prev, fx, fx_prev, g)
-        x_prev, fx_prev = x, fx
+    device = p.z0.device
+    with (workspace.lend((2, batch, m, dim), wdt, device) as pairs,
+          workspace.lend((batch, 3, dim), wdt, device) as stage,
+          workspace.lend((batch, dim), wdt, device) as step_out):
+        ring = _PairRing(pairs, stage, step_out, sync_free=p.sync_free)
+        x = p.z0.to(wdt)
+        x_prev = fx_prev = step = None
+        for k in range(1, p.max_iter + 1):
+            if step is not None:
+                x = tracker.freeze(x + step, x)  # a new tensor: the tracker may keep it as best
+            if low_precision:
+                x_state = x.to(p.dtype)
+                x = x_state.to(wdt)
+                fx = p.call(x_state, tracker).to(wdt)
+            else:
+                x_state = x
+                fx = p.call(x, tracker)
+            g = ring.residual(fx, x)
+            tracker.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=sdt),
+                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt))
+            if k in want:
+                captured[k] = tracker.best
+            if tracker.done or k == p.max_iter:
+                break
+            if x_prev is None:
+                step = g  # no pairs yet: B = -I, a plain fixed-point step
+            else:
+                step = ring.add_and_step(x, x_prev, fx, fx_prev, g)
+            x_prev, fx_prev = x, fx
     return p.result(tracker, captured)
 
 
 class _PairRing:
-    """The last m pairs (s_i, p_i) per sample, the matrix M, and the Broyden step."""
+    """The last m pairs (s_i, p_i) per sample, the matrix M, and the Broyden step.
 
-    def __init__(self, batch, m, dim, dtype, device, sync_free=False):
-        self.m = m
+    Works in three lent buffers: `pairs` (2, B, m, D) holds S and P by slot; in eager mode
+    `stage` (B, 3, D) holds the newest s, p and g, so one product reads the ring of S for
+    all three, and `step_out` (B, D) receives the step. Sync-free mode writes none of them
+    with `out=` (torch.compile rejects it for strided views) and stacks s, p, g instead.
+    """
+
+    def __init__(self, pairs, stage, step_out, sync_free=False):
+        batch, self.m = pairs.shape[1], pairs.shape[2]
         self.sync_free = sync_free
         # Only the first min(count, m) slots are ever read, all written first: no zero fill.
-        self.s, self.p = torch.empty(2, batch, m, dim, dtype=dtype, device=device).unbind(0)
-        self.system = torch.zeros(batch, m, m, dtype=dtype, device=device)  # M, by slot
+        self.pairs = pairs
+        self.s, self.p = pairs.unbind(0)
+        self.stage = stage
+        self.step_out = step_out
+        self.system = pairs.new_zeros(batch, self.m, self.m)  # M, by slot
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
+
+    def residual(self, fx, x) -> torch.Tensor:
+        """g = f(x) - x (in eager mode written into the stage, for the next step's product)."""
+        if self.sync_free:
+            return fx - x
+        return torch.sub(fx, x, out=self.stage[:, 2])
 
     def add_and_step(self, x, x_prev, fx, fx_prev, g) -> torch.Tensor:
         """Store s = x - x_prev, p = f(x) - f(x_prev) over the oldest slot; return -B^{-1} g.
 
-        s and p are written straight into the ring; the dots of s, p and g with every
-        stored s come from one product (the ring of s is read once); the row and column
-        of M for the new slot are updated in place.
+        The dots of s, p and g with every stored s come from one product (the ring of S is
+        read once); the row and column of M for the new slot are updated in place.
         """
         slot = self.count % self.m
         self.count += 1
         n = min(self.count, self.m)
-        if self.sync_free:  # torch.compile rejects `out=` into a strided view
+        if self.sync_free:
             s, p = x - x_prev, fx - fx_prev
             self.s[:, slot] = s
             self.p[:, slot] = p
+            stage = torch.stack((s, p, g), dim=1)
         else:
-            s = torch.sub(x, x_prev, out=self.s[:, slot])
-            p = torch.sub(fx, fx_prev, out=self.p[:, slot])
+            stage = self.stage
+            s = torch.sub(x, x_prev, out=stage[:, 0])
+            torch.sub(fx, fx_prev, out=stage[:, 1])
+            self.pairs[:, :, slot] = stage[:, :2].transpose(0, 1)  # s and p: one copy
         s_hist, p_hist = self.s[:, :n], self.p[:, :n]
-        with_s = torch.bmm(torch.stack((s, p, g), dim=1), s_hist.transpose(1, 2))  # (B, 3, n)
+        with_s = torch.bmm(stage, s_hist.transpose(1, 2))  # (B, 3, n)
         column = with_s[:, 0] - with_s[:, 1]  # s_i . s - s_i . p, the new slot's diagonal too
         ss_new = with_s[:, 0, slot]
         self.system[:, slot, :n] = row_dots(s, p_hist).neg_()
@@ -140,7 +162,8 @@ class _PairRing:
         # Finite iff their sum is, and x - x == 0 iff x is finite: cheaper than isfinite + all.
         total = coeffs.sum(dim=1, keepdim=True)
         good = (total - total) == 0
-        return row_mix(torch.where(good, coeffs, 0.0), p_hist).add_(g)
+        out = None if self.sync_free else self.step_out
+        return row_mix(torch.where(good, coeffs, 0.0), p_hist, out=out).add_(g)
 
 
 register_solver("broyden", broyden)

@@ -5,7 +5,7 @@ import torch
 
 from .problem import FixedPointProblem
 from .registry import register_solver
-from .stat import residuals, solver_stat_from_final_step, stat_dtype
+from .stat import solver_stat_from_final_step, stat_dtype
 
 __all__ = ["fixed_point_iter", "simple_fixed_point_iter"]
 
@@ -55,8 +55,8 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
         fz = p.call(z, tracker)
         diff = fz - z
         z_next = fz if tau == 1.0 else torch.add(z, diff, alpha=tau)
-        abs_res, rel_res = residuals(fz, diff, sdt)
-        tracker.observe(k, z_next, abs_res, rel_res)
+        tracker.observe(k, z_next, torch.linalg.vector_norm(diff, dim=1, dtype=sdt),
+                        torch.linalg.vector_norm(fz, dim=1, dtype=sdt))
         if k in want:
             captured[k] = tracker.best
         if tracker.done:

@@ -16,7 +16,7 @@ import torch
 from core.utils.flatten import StateLayout
 
 from .registry import check_options
-from .stat import ConvergenceTracker
+from .stat import ConvergenceTracker, SyncFreeTracker
 
 __all__ = ["FixedPointProblem"]
 
@@ -78,10 +78,10 @@ class FixedPointProblem:
         self.work_dtype = torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
         self.nfe = 0
 
-    def tracker(self) -> ConvergenceTracker:
+    def tracker(self) -> ConvergenceTracker | SyncFreeTracker:
         """A fresh tracker for this problem's statistics, best state and early exit."""
-        return ConvergenceTracker(self.z0, self.max_iter, self.tol, self.stop_mode,
-                                  self.return_final, self.sync_free)
+        kind = SyncFreeTracker if self.sync_free else ConvergenceTracker
+        return kind(self.z0, self.max_iter, self.tol, self.stop_mode, self.return_final)
 
     def call(self, z: torch.Tensor, tracker: ConvergenceTracker | None = None) -> torch.Tensor:
         """func on the rows of z (B, D), in the state dtype; returns f(z) as (B, D).
