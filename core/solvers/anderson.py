@@ -20,7 +20,7 @@ import torch
 from .problem import FixedPointProblem
 from .registry import register_solver
 from . import workspace
-from .stat import row_dots, row_mix, stat_dtype
+from .stat import row_mix, stat_dtype
 
 __all__ = ["anderson"]
 
@@ -57,20 +57,21 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     captured = {0: p.z0} if 0 in want else {}
 
     batch, dim = p.z0.shape
+    device = p.z0.device
     # The history, and two buffers the mixed iterates alternate in (func gets one while
     # the other holds the previous iterate, which a frozen sample keeps).
-    with (workspace.lend((2, batch, m, dim), wdt, p.z0.device) as history,
-          workspace.lend((2, batch, dim), wdt, p.z0.device) as iterates):
-        hist_f, hist_g = history.unbind(0)  # f(x_i) and g_i = f(x_i) - x_i
-        mixer = _Mixer(batch, m, lam, wdt, p.z0.device, unrolled=p.sync_free)
+    with (workspace.lend((2, batch, m, dim), wdt, device) as history,
+          workspace.lend((2, batch, 1, dim), wdt, device) as iterates):
+        ring = _History(history, iterates, p.sync_free)
+        mixer = _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free)
         x = p.z0.to(wdt)
         for k in range(1, p.max_iter + 1):
             if k > 1:
                 n = min(k - 1, m)
                 alpha = mixer.weights(n, (k - 2) % m)
-                x_mix = row_mix(alpha, hist_f[:, :n], out=None if p.sync_free else iterates[k % 2])
+                x_mix = ring.mix(alpha, k % 2)
                 if tau != 1.0:
-                    x_mix = x_mix.add_(row_mix(alpha, hist_g[:, :n]), alpha=tau - 1.0)
+                    x_mix = x_mix.add_(ring.mix(alpha, None, residuals=True), alpha=tau - 1.0)
                 x = tracker.freeze(x_mix, x)
             if low_precision:
                 x_state = x.to(p.dtype)
@@ -80,17 +81,11 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             else:
                 fx_state = fx = p.call(x, tracker)
             slot = (k - 1) % m
-            hist_f[:, slot] = fx
-            if p.sync_free:  # torch.compile rejects `out=` into a strided view
-                g = fx - x
-                hist_g[:, slot] = g
-            else:
-                g = torch.sub(fx, x, out=hist_g[:, slot])
-            dots = row_dots(g, hist_g[:, :min(k, m)])
+            dots = ring.store(slot, fx, x, min(k, m))
             mixer.add(slot, dots)
             # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
-            tracker.observe(k, fx_state, dots[:, slot].sqrt(),
-                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt))
+            tracker.observe(k, fx_state, dots.select(2, slot),
+                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt), squared=True)
             if k in want:
                 captured[k] = tracker.best
             if tracker.done:
@@ -98,12 +93,67 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     return p.result(tracker, captured)
 
 
+class _History:
+    """The ring of f(x_i) and g_i = f(x_i) - x_i, with every view made once per solve.
+
+    On CPU a tensor view costs as much as a small kernel (2-5 us a dispatch), so the
+    slots, prefixes and transposes the loop reads are cut once and kept. In eager mode
+    the new entry is written in place (`out=`) and the mixed iterate goes into one of the
+    two `iterates` buffers; sync-free mode uses functional ops (torch.compile rejects
+    `out=` into strided views).
+    """
+
+    def __init__(self, history: torch.Tensor, iterates: torch.Tensor, sync_free: bool):
+        self.f, self.g = history.unbind(0)  # (B, m, D) each
+        self.f_slots, self.g_slots = self.f.unbind(1), self.g.unbind(1)  # (B, D) each
+        self.g_rows = self.g.split(1, dim=1)  # (B, 1, D) each
+        self.iterate_rows = iterates.unbind(0)  # (B, 1, D) each
+        self.iterates = [row.squeeze(1) for row in self.iterate_rows]  # (B, D) each
+        self.sync_free = sync_free
+        self._prefix: dict[tuple[str, int], torch.Tensor] = {}
+
+    def prefix(self, which: str, n: int) -> torch.Tensor:
+        """The first n entries: 'f' and 'g' (B, n, D), 'gT' (B, D, n)."""
+        key = (which, n)
+        view = self._prefix.get(key)
+        if view is None:
+            view = {"f": self.f, "g": self.g, "gT": self.g}[which][:, :n]
+            if which == "gT":
+                view = view.transpose(1, 2)
+            self._prefix[key] = view
+        return view
+
+    def mix(self, alpha: torch.Tensor, parity: int | None, residuals: bool = False):
+        """sum_i alpha_i f(x_i) (or g_i), (B, D); alpha (B, 1, n). Eager mode writes it
+        into iterate buffer `parity` (None: a new tensor)."""
+        rows = self.prefix("g" if residuals else "f", alpha.shape[2])
+        if self.sync_free or parity is None:
+            return row_mix(alpha, rows).squeeze(1)
+        row_mix(alpha, rows, out=self.iterate_rows[parity])
+        return self.iterates[parity]
+
+    def store(self, slot: int, fx: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Write f(x) and g = f(x) - x into `slot`; return g's dots with entries 0..n-1
+        (B, 1, n)."""
+        if self.sync_free:
+            g = fx - x
+            self.f[:, slot] = fx
+            self.g[:, slot] = g
+            g_row = g.unsqueeze(1)
+        else:
+            self.f_slots[slot].copy_(fx)
+            torch.sub(fx, x, out=self.g_slots[slot])
+            g_row = self.g_rows[slot]
+        return torch.bmm(g_row, self.prefix("gT", n))
+
+
 class _Mixer:
     """The regularised Gram matrix of the residual history and the mixing weights.
 
     The diagonal is stored already regularised, ||g_i||^2 (1 + lam) + a tiny floor (so
     an all-zero history stays positive definite): regularisation relative to each
-    residual's scale, at no cost per step.
+    residual's scale, applied to the new row with one `addcmul`. The views each step
+    writes and solves are made once per (slot, size) and kept.
 
     `unrolled` (sync-free mode) solves with `_spd_solve_unrolled` instead of LAPACK/MAGMA:
     on CUDA, the batched `cholesky_solve` cannot be captured in a CUDA graph (measured:
@@ -114,60 +164,71 @@ class _Mixer:
     def __init__(self, batch, m, lam, dtype, device, unrolled=False):
         self.unrolled = unrolled
         self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
-        self.scale = 1.0 + lam
         self.floor = torch.finfo(dtype).tiny ** 0.5
+        eye = torch.eye(m, dtype=dtype, device=device)
+        self.eye = eye
+        # Row `slot` of these scales and shifts a new row of dots: (1 + lam) and the
+        # floor on the diagonal entry only.
+        self.scale = 1.0 + lam * eye
+        self.shift = self.floor * eye
         self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
-        self.eye = torch.eye(m, dtype=dtype, device=device)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self._views: dict[tuple, tuple] = {}
 
-    def add(self, slot: int, row: torch.Tensor) -> None:
-        """Entry `slot` of the history changed; `row` (B, n) are its dots with entries 0..n-1."""
-        n = row.shape[1]
-        self.gram[:, slot, :n] = row
-        self.gram[:, :n, slot] = row
-        self.gram[:, slot, slot] = row[:, slot] * self.scale + self.floor
+    def add(self, slot: int, dots: torch.Tensor) -> None:
+        """Entry `slot` of the history changed; `dots` (B, 1, n) are its dots with the
+        entries 0..n-1."""
+        key = ("row", slot, dots.shape[2])
+        views = self._views.get(key)
+        if views is None:
+            n = dots.shape[2]
+            views = (self.gram[:, slot:slot + 1, :n], self.gram.transpose(1, 2)[:, slot:slot + 1, :n],
+                     self.scale[slot, :n], self.shift[slot, :n])
+            self._views[key] = views
+        row, column, scale, shift = views
+        entries = torch.addcmul(shift, dots, scale)
+        row.copy_(entries)
+        column.copy_(entries)
 
     def weights(self, n: int, newest: int) -> torch.Tensor:
-        """alpha (B, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.
+        """alpha (B, 1, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.
 
         Solves (G G^T + reg) w = 1 and sets alpha = w / sum(w); a sample whose
         factorisation fails or whose weights are not finite gets the plain fixed-point
         weights (1 on the newest entry).
         """
+        key = ("solve", n, newest)
+        views = self._views.get(key)
+        if views is None:
+            views = (self.gram[:, :n, :n], self.ones[:, :n], self.eye[newest:newest + 1, :n])
+            self._views[key] = views
+        gram, ones, plain = views
         if n == 1:
-            return self.ones[:, :1, 0]
-        gram = self.gram[:, :n, :n]
+            return ones.transpose(1, 2)
+        failed = None
         if self.unrolled:
-            w = _spd_solve_unrolled(gram, self.ones[:, :n, 0], self.floor)
-            failed = None
+            w = _spd_solve_unrolled(gram, ones[..., 0], self.floor).unsqueeze(1)
+        elif n <= _LU_MAX_N:
+            # LU's only failure, an exactly zero pivot, shows in w as inf or NaN.
+            w = torch.linalg.solve_ex(gram, ones)[0].transpose(1, 2)
         else:
-            w, failed = _spd_solve_ex(gram, self.ones[:, :n])
-        alpha = w / w.sum(dim=1, keepdim=True)
+            chol, info = torch.linalg.cholesky_ex(gram)
+            w = torch.cholesky_solve(ones, chol).transpose(1, 2)
+            failed = (info != 0)[:, None, None]  # its output can then be finite garbage
+        alpha = w / w.sum(dim=2, keepdim=True)
         # The weights are finite iff their sum is (a NaN or inf entry makes it NaN or inf),
-        # and x - x == 0 iff x is finite: two ops on (B, 1) instead of isfinite + all.
-        total = alpha.sum(dim=1, keepdim=True)
-        good = (total - total) == 0
+        # and x - x == 0 iff x is finite: two ops on (B, 1, 1) instead of isfinite + all.
+        total = alpha.sum(dim=2, keepdim=True)
+        good = (total - total) == self.zero
         if failed is not None:
-            good = good & ~failed.unsqueeze(1)
-        return torch.where(good, alpha, self.eye[newest, :n])  # row `newest`: plain weights
+            good = good & ~failed
+        return torch.where(good, alpha, plain)  # row `newest` of the identity: plain weights
 
 
 # Up to this size, a batched LU solve (`solve_ex`, one call) is faster on CPU than
 # `cholesky_ex` + `cholesky_solve` (measured, B=512: n=2..6: 110-215 us vs 195-290 us);
 # for larger n Cholesky wins (n=20: 1.9 ms vs 3.7 ms).
 _LU_MAX_N = 8
-
-
-def _spd_solve_ex(a: torch.Tensor, b: torch.Tensor):
-    """Solve a x = b for a batch of SPD matrices without error checks.
-
-    Returns (x (B, n), failed): `failed` (B,) flags a failed Cholesky factorisation (its
-    output can be finite garbage), or is None for the LU solve, whose only failure, an
-    exactly zero pivot, divides by zero and so shows in x as inf or NaN.
-    """
-    if a.shape[-1] <= _LU_MAX_N:
-        return torch.linalg.solve_ex(a, b)[0].squeeze(2), None
-    chol, info = torch.linalg.cholesky_ex(a)
-    return torch.cholesky_solve(b, chol).squeeze(2), info != 0
 
 
 def _spd_solve_unrolled(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:

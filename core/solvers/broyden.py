@@ -16,15 +16,16 @@ step reads the ring three times (S with s, p and g stacked; P with s; P for the 
 S, P live in a preallocated ring of m slots (default 20): when it is full the oldest pair
 is overwritten, so memory is O(m B D) whatever `max_iter` is, and the estimate is exactly
 good Broyden built from the last m pairs (dropping a pair from TorchDEQ's rank-one sum
-instead leaves the later pairs inconsistent, and the iteration can blow up). M itself is
-kept, one row and column per step: the newest pair's column is s_i . s - s_i . p (every
-other pair is older) and its row -s . p_j, so no mask or Gram rebuild runs per step; the
-entries between the other pairs do not change, and a dropped pair's row and column are
-overwritten by the new pair's. M is solved per
-sample with `linalg.solve_ex` (no error check, no host sync); non-finite coefficients
-(a singular M) are zeroed, so that sample takes the plain fixed-point step g. There is
-no line search: one `func` call per step. States in float16/bfloat16 are iterated in
-float32 (only `func` sees the state dtype).
+instead leaves the later pairs inconsistent, and the iteration can blow up). The loop
+keeps K = -M = S^T P - N and computes the step as g - P K^{-1} (S^T g), one `baddbmm`.
+K is kept one row and column per step: the newest pair's column is s_i . p - s_i . s
+(every other pair is older) and its row s . p_j, so no mask or Gram rebuild runs per
+step; the entries between the other pairs do not change, and a dropped pair's row and
+column are overwritten by the new pair's. K is solved per sample with `linalg.solve_ex`
+(no error check, no host sync); non-finite coefficients (a singular K, e.g. after a zero
+step of a frozen sample) are zeroed, so that sample takes the plain fixed-point step g.
+There is no line search: one `func` call per step. States in float16/bfloat16 are
+iterated in float32 (only `func` sees the state dtype).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 from .problem import FixedPointProblem
 from . import workspace
 from .registry import register_solver
-from .stat import row_dots, row_mix, stat_dtype
+from .stat import is_narrow, row_mix, stat_dtype
 
 __all__ = ["broyden"]
 
@@ -72,7 +73,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     device = p.z0.device
     with (workspace.lend((2, batch, m, dim), wdt, device) as pairs,
           workspace.lend((batch, 3, dim), wdt, device) as stage,
-          workspace.lend((batch, dim), wdt, device) as step_out):
+          workspace.lend((batch, 1, dim), wdt, device) as step_out):
         ring = _PairRing(pairs, stage, step_out, sync_free=p.sync_free)
         x = p.z0.to(wdt)
         x_prev = fx_prev = step = None
@@ -102,12 +103,14 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
 
 class _PairRing:
-    """The last m pairs (s_i, p_i) per sample, the matrix M, and the Broyden step.
+    """The last m pairs (s_i, p_i) per sample, the matrix K = -M, and the Broyden step.
 
     Works in three lent buffers: `pairs` (2, B, m, D) holds S and P by slot; in eager mode
     `stage` (B, 3, D) holds the newest s, p and g, so one product reads the ring of S for
-    all three, and `step_out` (B, D) receives the step. Sync-free mode writes none of them
-    with `out=` (torch.compile rejects it for strided views) and stacks s, p, g instead.
+    all three, and `step_out` (B, 1, D) receives the step. Sync-free mode writes none of
+    them with `out=` (torch.compile rejects it for strided views) and stacks s, p, g
+    instead. On CPU a view costs as much as a small kernel, so the views each step reads
+    are made once per (slot, size) and kept.
     """
 
     def __init__(self, pairs, stage, step_out, sync_free=False):
@@ -117,53 +120,73 @@ class _PairRing:
         self.pairs = pairs
         self.s, self.p = pairs.unbind(0)
         self.stage = stage
+        self.stage_rows = stage.unbind(1)  # s, p, g: (B, D) each
+        self.stage_sp = stage[:, :2].transpose(0, 1)  # (2, B, D), as a slot of `pairs`
         self.step_out = step_out
-        self.system = pairs.new_zeros(batch, self.m, self.m)  # M, by slot
+        self.step_flat = step_out.squeeze(1)
+        self.g_row = stage[:, 2:3]
+        self.system = pairs.new_zeros(batch, self.m, self.m)  # K, by slot
+        self.zero = pairs.new_zeros(())
         self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
+        self._views: dict[tuple[int, int], tuple] = {}
 
     def residual(self, fx, x) -> torch.Tensor:
         """g = f(x) - x (in eager mode written into the stage, for the next step's product)."""
         if self.sync_free:
             return fx - x
-        return torch.sub(fx, x, out=self.stage[:, 2])
+        return torch.sub(fx, x, out=self.stage_rows[2])
+
+    def _slot_views(self, slot: int, n: int) -> tuple:
+        views = self._views.get((slot, n))
+        if views is None:
+            s_hist, p_hist = self.s[:, :n], self.p[:, :n]
+            views = (self.pairs[:, :, slot], s_hist.transpose(1, 2), p_hist,
+                     p_hist.transpose(1, 2), self.system[:, slot:slot + 1, :n],
+                     self.system.transpose(1, 2)[:, slot:slot + 1, :n], self.system[:, :n, :n],
+                     self.s[:, slot:slot + 1])
+            self._views[(slot, n)] = views
+        return views
 
     def add_and_step(self, x, x_prev, fx, fx_prev, g) -> torch.Tensor:
         """Store s = x - x_prev, p = f(x) - f(x_prev) over the oldest slot; return -B^{-1} g.
 
         The dots of s, p and g with every stored s come from one product (the ring of S is
-        read once); the row and column of M for the new slot are updated in place.
+        read once); the row and column of K for the new slot are written in place.
         """
         slot = self.count % self.m
         self.count += 1
         n = min(self.count, self.m)
+        pair, s_hist_t, p_hist, p_hist_t, k_row, k_column, k_n, s_row = self._slot_views(slot, n)
         if self.sync_free:
             s, p = x - x_prev, fx - fx_prev
             self.s[:, slot] = s
             self.p[:, slot] = p
             stage = torch.stack((s, p, g), dim=1)
+            s_row = s.unsqueeze(1)
         else:
             stage = self.stage
-            s = torch.sub(x, x_prev, out=stage[:, 0])
-            torch.sub(fx, fx_prev, out=stage[:, 1])
-            self.pairs[:, :, slot] = stage[:, :2].transpose(0, 1)  # s and p: one copy
-        s_hist, p_hist = self.s[:, :n], self.p[:, :n]
-        with_s = torch.bmm(stage, s_hist.transpose(1, 2))  # (B, 3, n)
-        column = with_s[:, 0] - with_s[:, 1]  # s_i . s - s_i . p, the new slot's diagonal too
-        ss_new = with_s[:, 0, slot]
-        self.system[:, slot, :n] = row_dots(s, p_hist).neg_()
-        self.system[:, :n, slot] = column
-        # A zero step (a frozen or stalled sample) gives a zero row in M; a unit diagonal
-        # there makes that pair inert instead of making M singular.
-        self.system[:, slot, slot] = column[:, slot] + (ss_new == 0)
-        coeffs, _ = torch.linalg.solve_ex(self.system[:, :n, :n],
-                                          with_s[:, 2:].transpose(1, 2))
-        # Checked on the n coefficients, not the D-sized step: zero for a failed solve.
-        coeffs = coeffs.squeeze(2)
+            torch.sub(x, x_prev, out=self.stage_rows[0])
+            torch.sub(fx, fx_prev, out=self.stage_rows[1])
+            pair.copy_(self.stage_sp)  # s and p into the ring: one copy
+        with_s = torch.bmm(stage, s_hist_t)  # (B, 3, n): s_i . s, s_i . p, s_i . g
+        ss, ps, gs = with_s.split(1, dim=1)
+        if self.sync_free:
+            self.system[:, slot:slot + 1, :n] = torch.bmm(s_row, p_hist_t)
+            self.system.transpose(1, 2)[:, slot:slot + 1, :n] = ps - ss
+        else:
+            k_row.copy_(torch.bmm(s_row, p_hist_t))  # s . p_j (bmm into a strided out= is 2x slower)
+            torch.sub(ps, ss, out=k_column)  # s_i . p - s_i . s, the diagonal too
+        coeffs = torch.linalg.solve_ex(k_n, gs.transpose(1, 2))[0].transpose(1, 2)  # (B, 1, n)
         # Finite iff their sum is, and x - x == 0 iff x is finite: cheaper than isfinite + all.
-        total = coeffs.sum(dim=1, keepdim=True)
-        good = (total - total) == 0
-        out = None if self.sync_free else self.step_out
-        return row_mix(torch.where(good, coeffs, 0.0), p_hist, out=out).add_(g)
+        total = coeffs.sum(dim=2, keepdim=True)
+        coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
+        g_row = g.unsqueeze(1) if self.sync_free else self.g_row
+        if is_narrow(p_hist):
+            return torch.sub(g_row, row_mix(coeffs, p_hist)).squeeze(1)
+        if self.sync_free:
+            return torch.baddbmm(g_row, coeffs, p_hist, alpha=-1.0).squeeze(1)
+        torch.baddbmm(g_row, coeffs, p_hist, alpha=-1.0, out=self.step_out)
+        return self.step_flat
 
 
 register_solver("broyden", broyden)

@@ -68,29 +68,26 @@ def residuals(fz: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype):
     return abs_res, rel_res
 
 
-def row_dots(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, D) . (B, n, D) -> (B, n), as a row-vector product: on CPU, bmm(v^T, R^T) is ~10x
-    faster than bmm(R, v) for these shapes (measured, B=16, n=10, D=8192)."""
-    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
-
-
 # Below this row width, a batch of (1, n) x (n, D) products is slower through bmm (one
 # tiny GEMM per sample) than as a broadcast multiply and sum (measured on CPU: B=512,
 # n=4..8, D=32: bmm 190-310 us, multiply-sum 80-100 us; at D=64 bmm wins).
 _NARROW_ROWS = 32
 
 
+def is_narrow(rows: torch.Tensor) -> bool:
+    """Whether (B, n, D) rows are mixed by multiply-sum rather than `bmm` (D <= 32)."""
+    return rows.shape[2] <= _NARROW_ROWS
+
+
 def row_mix(weights: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None
             ) -> torch.Tensor:
-    """(B, n) weights . (B, n, D) rows -> (B, D): per sample, sum_i weights_i rows_i.
+    """(B, 1, n) weights . (B, n, D) rows -> (B, 1, D): per sample, sum_i weights_i rows_i.
 
-    `out`, a contiguous (B, D) tensor, receives the result (no allocation).
+    `out`, a contiguous (B, 1, D) tensor, receives the result (no allocation).
     """
-    if rows.shape[2] <= _NARROW_ROWS:
-        return torch.sum(weights.unsqueeze(2) * rows, dim=1, out=out)
-    if out is None:
-        return torch.bmm(weights.unsqueeze(1), rows).squeeze(1)
-    return torch.bmm(weights.unsqueeze(1), rows, out=out.unsqueeze(1)).squeeze(1)
+    if is_narrow(rows):
+        return torch.sum(weights.transpose(1, 2) * rows, dim=1, keepdim=True, out=out)
+    return torch.bmm(weights, rows, out=out)
 
 
 def solver_stat_from_final_step(z, fz, nstep=0) -> SolverStat:
@@ -122,6 +119,10 @@ class ConvergenceTracker:
     makes the last state of each sample its returned one and disables the convergence
     exit (the safety net still freezes diverging samples). The bookkeeping lives on the
     host (numpy); `info()` moves it to the state's device.
+
+    The traces and lowest values keep (||f(z) - z||, ||f(z)||) pairs; relative residuals
+    are divided out once, in `info()` (and per step only with stop_mode 'rel'). A norm
+    of -1 marks "no step yet", whose relative residual is the 1e8 placeholder.
     """
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
@@ -129,17 +130,21 @@ class ConvergenceTracker:
         batch = z0.shape[0]
         self.batch = batch
         self.device = z0.device
-        self.dtype = stat_dtype(z0.dtype)
-        host_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        host_dtype = np.float64 if stat_dtype(z0.dtype) == torch.float64 else np.float32
         self.tol = tol
-        self.stop_row = 0 if stop_mode == "abs" else 1
+        self.rel_mode = stop_mode == "rel"
         self.return_final = return_final
         self.best = z0
-        # Row 0: absolute, row 1: relative residuals.
-        self.lowest = np.full((2, batch), INIT_RESIDUAL, dtype=host_dtype)
+        # Row 0: ||f(z) - z||, row 1: ||f(z)||, at each sample's best step.
+        self.lowest = np.empty((2, batch), dtype=host_dtype)
+        self.lowest[0], self.lowest[1] = INIT_RESIDUAL, -1.0
+        # The stop-mode residual at the best step (a view of row 0 in 'abs' mode).
+        self.lowest_stop = (np.full(batch, INIT_RESIDUAL, dtype=host_dtype) if self.rel_mode
+                            else self.lowest[0])
         self.lowest_step = np.zeros(batch, dtype=host_dtype)
-        # Step-major (max_iter + 1, 2, batch): step k's residuals are one block.
-        self.trace = np.full((max_iter + 1, 2, batch), INIT_RESIDUAL, dtype=host_dtype)
+        # Step-major (max_iter + 1, 2, batch): step k's pair of rows is one block.
+        self.trace = np.empty((max_iter + 1, 2, batch), dtype=host_dtype)
+        self.trace[0] = self.lowest
         self.active = np.ones(batch, dtype=bool)
         self.caught = np.zeros(batch, dtype=bool)
         self.limit = None  # 1e3 x first residual, set at step 1
@@ -171,58 +176,72 @@ class ConvergenceTracker:
         return torch.where(self._active_mask, new, old)
 
     def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
-                fx_norm: torch.Tensor) -> None:
+                fx_norm: torch.Tensor, squared: bool = False) -> None:
         """Record step k: `state` (B, D) is what this step would return, `abs_res` its
-        residual ||f(z) - z|| and `fx_norm` ||f(z)|| per row."""
+        residual ||f(z) - z|| (its square if `squared`) and `fx_norm` ||f(z)|| per row
+        ((B,) or (B, 1))."""
         abs_res, fx_norm = _to_host(abs_res, fx_norm)
         active, all_active = self.active, self.all_active
-        with np.errstate(all="ignore"):  # NaN and inf residuals are caught below
-            rel_res = abs_res / (fx_norm + REL_EPS)
-            if self.limit is None:  # -1 for a non-finite first residual: caught at once
-                self.limit = np.where(np.isfinite(abs_res), DIVERGENCE_FACTOR * abs_res, -1.0)
-            stop_res = rel_res if self.stop_row else abs_res
-            ok = abs_res <= self.limit  # False for NaN and inf too
-            if not all_active:
-                ok &= active
-            if self.return_final:
-                improved = still_active = ok
-            else:
-                improved = ok & (stop_res < self.lowest[self.stop_row])
-                still_active = ok & (stop_res >= self.tol)
         new = self.trace[k]
-        new[0], new[1] = abs_res, rel_res
+        if squared:
+            np.sqrt(abs_res, out=new[0])
+        else:
+            new[0] = abs_res
+        new[1] = fx_norm
+        abs_res = new[0]
+        stop_res = abs_res
+        if self.limit is None or self.rel_mode:
+            with np.errstate(all="ignore"):  # NaN and inf residuals are caught below
+                if self.limit is None:  # -1 for a non-finite first residual: caught at once
+                    self.limit = np.where(np.isfinite(abs_res), DIVERGENCE_FACTOR * abs_res, -1.0)
+                if self.rel_mode:
+                    stop_res = abs_res / (new[1] + REL_EPS)
+        ok = abs_res <= self.limit  # False for NaN and inf too
+        if not all_active:
+            ok &= active
+        if self.return_final:
+            improved = still_active = ok
+        else:
+            improved = ok & (stop_res < self.lowest_stop)
+            still_active = ok & (stop_res >= self.tol)
         if not all_active:  # stopped samples repeat their lowest values
             np.copyto(new, self.lowest, where=~active)
+        if np.count_nonzero(ok) < self.n_active:
             self.caught |= active & ~ok
-        elif not ok.all():
-            self.caught |= ~ok
         self.steps = k
-        n_active = int(np.count_nonzero(still_active))
+        n_active = np.count_nonzero(still_active)
         if n_active != self.n_active:
             self.n_active = n_active
             self.active = still_active
             self._active_mask = None
-        if improved.all():
+        n_improved = np.count_nonzero(improved)
+        if n_improved == self.batch:
             self.lowest[:] = new
+            if self.rel_mode:
+                self.lowest_stop[:] = stop_res
             self.lowest_step.fill(k)
             self.best = state
-        elif improved.any():
+        elif n_improved:
             np.copyto(self.lowest, new, where=improved)
+            if self.rel_mode:
+                np.copyto(self.lowest_stop, stop_res, where=improved)
             self.lowest_step[improved] = k
             mask = torch.from_numpy(improved).to(self.device).unsqueeze(1)
             self.best = torch.where(mask, state, self.best)
 
     def info(self) -> SolverStat:
         """The statistics of the solve so far; pads traces after an early exit."""
-        if self.steps + 1 < self.trace.shape[0]:
+        steps = self.trace.shape[0]
+        if self.steps + 1 < steps:
             self.trace[self.steps + 1:] = self.lowest
-        lowest = self._device(self.lowest)
-        trace = self._device(self.trace).permute(1, 2, 0)  # (2, batch, max_iter + 1)
+        # (2, batch, steps + 1) and (2, batch): absolute, then relative residuals.
+        trace = _abs_rel(self.trace.transpose(1, 2, 0))
+        lowest = _abs_rel(self.lowest)
         return SolverStat(
-            abs_lowest=lowest[0],
-            rel_lowest=lowest[1],
-            abs_trace=trace[0],
-            rel_trace=trace[1],
+            abs_lowest=self._device(lowest[0]),
+            rel_lowest=self._device(lowest[1]),
+            abs_trace=self._device(trace[0]),
+            rel_trace=self._device(trace[1]),
             nstep=self._device(self.lowest_step),
             nfe=self.nfe,
             n_fallback=torch.tensor(int(self.caught.sum()), device=self.device),
@@ -232,12 +251,21 @@ class ConvergenceTracker:
         return torch.from_numpy(array).to(self.device)
 
 
+def _abs_rel(pairs: np.ndarray) -> np.ndarray:
+    """(||f(z) - z||, ||f(z)||) rows -> (absolute, relative) rows (a norm < 0: 1e8)."""
+    absolute, norm = pairs[0], pairs[1]
+    with np.errstate(all="ignore"):
+        relative = np.where(norm < 0, INIT_RESIDUAL, absolute / (norm + REL_EPS))
+    return np.stack((absolute, relative.astype(absolute.dtype)))
+
+
 def _to_host(*vectors: torch.Tensor) -> list[np.ndarray]:
-    """(B,) tensors as numpy arrays: views on CPU, one stacked copy (one sync) otherwise."""
-    vectors = [v.detach() for v in vectors]
+    """(B,) or (B, 1) tensors as (B,) numpy arrays: views on CPU, else one stacked copy
+    (one sync)."""
+    vectors = [v.detach() if v.requires_grad else v for v in vectors]
     if vectors[0].device.type == "cpu":
-        return [v.numpy() for v in vectors]
-    return list(torch.stack(vectors).cpu().numpy())
+        return [v.numpy().reshape(-1) if v.dim() > 1 else v.numpy() for v in vectors]
+    return list(torch.stack([v.reshape(-1) for v in vectors]).cpu().numpy())
 
 
 class SyncFreeTracker:
@@ -276,9 +304,12 @@ class SyncFreeTracker:
         return torch.where(self.active.unsqueeze(1), new, old)
 
     def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
-                fx_norm: torch.Tensor) -> None:
+                fx_norm: torch.Tensor, squared: bool = False) -> None:
         """Record step k, as `ConvergenceTracker.observe`."""
         active = self.active
+        abs_res, fx_norm = abs_res.reshape(-1), fx_norm.reshape(-1)
+        if squared:
+            abs_res = abs_res.sqrt()
         rel_res = abs_res / (fx_norm + REL_EPS)
         if self.limit is None:
             self.limit = torch.where(torch.isfinite(abs_res), DIVERGENCE_FACTOR * abs_res, -1.0)
