@@ -4,9 +4,10 @@ Each step mixes the last n = min(k - 1, m) evaluations: with residuals g_i = f(x
 weights alpha minimise ||sum_i alpha_i g_i|| subject to sum_i alpha_i = 1, and the next
 iterate is sum_i alpha_i f(x_i) - (1 - tau) sum_i alpha_i g_i (tau = 1: undamped).
 
-The weights come from the small system (G G^T + reg) w = 1, alpha = w / sum(w), solved
-without error checks (`solve_ex` for small histories, `cholesky_ex` for larger), so a
-singular history never raises and never synchronises with the host. reg adds lam ||g_i||^2 to each
+The weights solve the bordered system [[0, 1^T], [1, G G^T + reg]] [nu; alpha] = [1; 0]
+(`solve_ex`; for histories longer than 8, (G G^T + reg) w = 1 by `cholesky_ex` and
+alpha = w / sum(w)), without error checks, so a singular history never raises and
+never synchronises with the host. reg adds lam ||g_i||^2 to each
 diagonal entry: relative to the history's scale (TorchDEQ's lam is absolute, so it
 dominates once the residuals are small); a failed or non-finite solve falls back to the
 plain fixed-point step for that sample. The Gram matrix is kept up to date one row per step (O(m B D)
@@ -150,28 +151,35 @@ class _History:
 class _Mixer:
     """The regularised Gram matrix of the residual history and the mixing weights.
 
-    The diagonal is stored already regularised, ||g_i||^2 (1 + lam) + a tiny floor (so
-    an all-zero history stays positive definite): regularisation relative to each
-    residual's scale, applied to the new row with one `addcmul`. The views each step
-    writes and solves are made once per (slot, size) and kept.
+    The Gram matrix G sits inside the bordered matrix H = [[0, 1^T], [1, G]] (B, m+1,
+    m+1), whose system H [nu; alpha] = [1; 0] gives the weights summing to 1 in one LU
+    solve (no normalisation). Its diagonal is stored already regularised,
+    ||g_i||^2 (1 + lam) + a tiny floor (so an all-zero history stays positive definite):
+    regularisation relative to each residual's scale, applied to the new row with one
+    `addcmul`. The views each step writes and solves are made once per (slot, size).
 
-    `unrolled` (sync-free mode) solves with `_spd_solve_unrolled` instead of LAPACK/MAGMA:
-    on CUDA, the batched `cholesky_solve` cannot be captured in a CUDA graph (measured:
-    "operation not permitted when stream is capturing"), and the unrolled solve compiles
-    into a few fused kernels.
+    `unrolled` (sync-free mode) solves G w = 1 with `_spd_solve_unrolled` instead of
+    LAPACK/MAGMA: on CUDA, the batched `cholesky_solve` cannot be captured in a CUDA
+    graph (measured: "operation not permitted when stream is capturing"), and the
+    unrolled solve compiles into a few fused kernels. Histories longer than `_LU_MAX_N`
+    solve G w = 1 by Cholesky. Both normalise w.
     """
 
     def __init__(self, batch, m, lam, dtype, device, unrolled=False):
         self.unrolled = unrolled
-        self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
+        self.bordered = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
+        self.bordered[:, 0, 1:] = 1.0
+        self.bordered[:, 1:, 0] = 1.0
+        self.gram = self.bordered[:, 1:, 1:]
         self.floor = torch.finfo(dtype).tiny ** 0.5
-        eye = torch.eye(m, dtype=dtype, device=device)
-        self.eye = eye
+        eye = torch.eye(m + 1, dtype=dtype, device=device)
+        self.eye = eye[1:, 1:]
         # Row `slot` of these scales and shifts a new row of dots: (1 + lam) and the
         # floor on the diagonal entry only.
-        self.scale = 1.0 + lam * eye
-        self.shift = self.floor * eye
+        self.scale = 1.0 + lam * self.eye
+        self.shift = self.floor * self.eye
         self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
+        self.first = eye[:, :1].expand(batch, m + 1, 1)  # [1; 0]
         self.zero = torch.zeros((), dtype=dtype, device=device)
         self._views: dict[tuple, tuple] = {}
 
@@ -193,29 +201,30 @@ class _Mixer:
     def weights(self, n: int, newest: int) -> torch.Tensor:
         """alpha (B, 1, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.
 
-        Solves (G G^T + reg) w = 1 and sets alpha = w / sum(w); a sample whose
-        factorisation fails or whose weights are not finite gets the plain fixed-point
-        weights (1 on the newest entry).
+        A sample whose factorisation fails or whose weights are not finite gets the
+        plain fixed-point weights (1 on the newest entry).
         """
         key = ("solve", n, newest)
         views = self._views.get(key)
         if views is None:
-            views = (self.gram[:, :n, :n], self.ones[:, :n], self.eye[newest:newest + 1, :n])
+            views = (self.bordered[:, :n + 1, :n + 1], self.first[:, :n + 1],
+                     self.gram[:, :n, :n], self.ones[:, :n], self.eye[newest:newest + 1, :n])
             self._views[key] = views
-        gram, ones, plain = views
+        bordered, first, gram, ones, plain = views
         if n == 1:
             return ones.transpose(1, 2)
         failed = None
         if self.unrolled:
             w = _spd_solve_unrolled(gram, ones[..., 0], self.floor).unsqueeze(1)
+            alpha = w / w.sum(dim=2, keepdim=True)
         elif n <= _LU_MAX_N:
-            # LU's only failure, an exactly zero pivot, shows in w as inf or NaN.
-            w = torch.linalg.solve_ex(gram, ones)[0].transpose(1, 2)
+            # LU's only failure, an exactly zero pivot, shows in alpha as inf or NaN.
+            alpha = torch.linalg.solve_ex(bordered, first)[0][:, 1:].transpose(1, 2)
         else:
             chol, info = torch.linalg.cholesky_ex(gram)
             w = torch.cholesky_solve(ones, chol).transpose(1, 2)
+            alpha = w / w.sum(dim=2, keepdim=True)
             failed = (info != 0)[:, None, None]  # its output can then be finite garbage
-        alpha = w / w.sum(dim=2, keepdim=True)
         # The weights are finite iff their sum is (a NaN or inf entry makes it NaN or inf),
         # and x - x == 0 iff x is finite: two ops on (B, 1, 1) instead of isfinite + all.
         total = alpha.sum(dim=2, keepdim=True)

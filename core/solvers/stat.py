@@ -196,6 +196,18 @@ class ConvergenceTracker:
                     self.limit = np.where(np.isfinite(abs_res), DIVERGENCE_FACTOR * abs_res, -1.0)
                 if self.rel_mode:
                     stop_res = abs_res / (new[1] + REL_EPS)
+        self.steps = k
+        if all_active and not self.return_final:
+            # The common step, in five host ops: every sample within the safety limit,
+            # improved, and not yet converged (NaN margins fail the test).
+            margin = np.minimum(self.limit - abs_res, self.lowest_stop - stop_res)
+            if margin.min() > 0 and stop_res.min() >= self.tol:
+                self.lowest[:] = new
+                if self.rel_mode:
+                    self.lowest_stop[:] = stop_res
+                self.lowest_step.fill(k)
+                self.best = state
+                return
         ok = abs_res <= self.limit  # False for NaN and inf too
         if not all_active:
             ok &= active
@@ -208,7 +220,6 @@ class ConvergenceTracker:
             np.copyto(new, self.lowest, where=~active)
         if np.count_nonzero(ok) < self.n_active:
             self.caught |= active & ~ok
-        self.steps = k
         n_active = np.count_nonzero(still_active)
         if n_active != self.n_active:
             self.n_active = n_active
