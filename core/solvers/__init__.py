@@ -2,7 +2,8 @@
 
 Common signature: `solver(func, x0, max_iter=50, tol=1e-3, stop_mode='abs', indexing=None,
 return_final=False, **solver_kwargs) -> (z, states_at_indexing, info)`; see
-`fixed_point_iter` for the arguments and `core.solvers.stat` for `info`.
+`fixed_point_iter` for the arguments and `core.solvers.stat` for `info`. On CPU, eager
+solves keep their scratch memory between calls: see `core.solvers.workspace`.
 """
 from .anderson import anderson
 from .broyden import broyden

@@ -151,8 +151,8 @@ class _History:
 class _Mixer:
     """The regularised Gram matrix of the residual history and the mixing weights.
 
-    The Gram matrix G sits inside the bordered matrix H = [[0, 1^T], [1, G]] (B, m+1,
-    m+1), whose system H [nu; alpha] = [1; 0] gives the weights summing to 1 in one LU
+    In eager mode the Gram matrix G sits inside the bordered matrix H = [[0, 1^T], [1, G]]
+    (B, m+1, m+1), whose system H [nu; alpha] = [1; 0] gives the weights summing to 1 in one LU
     solve (no normalisation). Its diagonal is stored already regularised,
     ||g_i||^2 (1 + lam) + a tiny floor (so an all-zero history stays positive definite):
     regularisation relative to each residual's scale, applied to the new row with one
@@ -161,16 +161,21 @@ class _Mixer:
     `unrolled` (sync-free mode) solves G w = 1 with `_spd_solve_unrolled` instead of
     LAPACK/MAGMA: on CUDA, the batched `cholesky_solve` cannot be captured in a CUDA
     graph (measured: "operation not permitted when stream is capturing"), and the
-    unrolled solve compiles into a few fused kernels. Histories longer than `_LU_MAX_N`
+    unrolled solve compiles into a few fused kernels; G is then kept alone (inside the
+    border, the compiled solve measured 2.1x slower). Histories longer than `_LU_MAX_N`
     solve G w = 1 by Cholesky. Both normalise w.
     """
 
     def __init__(self, batch, m, lam, dtype, device, unrolled=False):
         self.unrolled = unrolled
-        self.bordered = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
-        self.bordered[:, 0, 1:] = 1.0
-        self.bordered[:, 1:, 0] = 1.0
-        self.gram = self.bordered[:, 1:, 1:]
+        if unrolled:  # no border: G alone keeps the compiled graph's writes small
+            self.bordered = None
+            self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
+        else:
+            self.bordered = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
+            self.bordered[:, 0, 1:] = 1.0
+            self.bordered[:, 1:, 0] = 1.0
+            self.gram = self.bordered[:, 1:, 1:]
         self.floor = torch.finfo(dtype).tiny ** 0.5
         eye = torch.eye(m + 1, dtype=dtype, device=device)
         self.eye = eye[1:, 1:]
@@ -207,8 +212,9 @@ class _Mixer:
         key = ("solve", n, newest)
         views = self._views.get(key)
         if views is None:
-            views = (self.bordered[:, :n + 1, :n + 1], self.first[:, :n + 1],
-                     self.gram[:, :n, :n], self.ones[:, :n], self.eye[newest:newest + 1, :n])
+            views = (None if self.unrolled else self.bordered[:, :n + 1, :n + 1],
+                     self.first[:, :n + 1], self.gram[:, :n, :n], self.ones[:, :n],
+                     self.eye[newest:newest + 1, :n])
             self._views[key] = views
         bordered, first, gram, ones, plain = views
         if n == 1:
