@@ -224,7 +224,8 @@ class _Mixer:
             w = _spd_solve_unrolled(gram, ones[..., 0], self.floor).unsqueeze(1)
             alpha = w / w.sum(dim=2, keepdim=True)
         elif n <= _LU_MAX_N:
-            # LU's only failure, an exactly zero pivot, shows in alpha as inf or NaN.
+            # LU's only failure, an exactly zero pivot (a history singular in floating
+            # point, e.g. repeated residuals with lam=0), shows in alpha as inf or NaN.
             alpha = torch.linalg.solve_ex(bordered, first)[0][:, 1:].transpose(1, 2)
         else:
             chol, info = torch.linalg.cholesky_ex(gram)

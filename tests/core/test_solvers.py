@@ -231,6 +231,21 @@ def test_safety_net_freezes_diverging_and_nonfinite_samples(solver):
     assert info["abs_lowest"][1] <= info["abs_trace"][1, 1]
 
 
+@pytest.mark.parametrize("m", [4, 12], ids=["lu", "cholesky"])
+def test_anderson_singular_histories_never_raise(m):
+    # lam=0: f(z) = c makes the newest residual exactly zero (a zero Gram row), and
+    # f(z) = z + d (no fixed point) repeats one residual (a rank-one Gram matrix)
+    c = torch.linspace(-1, 1, 8, dtype=torch.float64).repeat(3, 1)
+    z, _, info = anderson(lambda z: torch.zeros_like(z) + c, torch.zeros_like(c), max_iter=30,
+                          tol=1e-12, m=m, lam=0.0)
+    assert torch.equal(z, c) and info["n_fallback"].item() == 0
+    d = torch.full_like(c, 0.25)
+    z, _, info = anderson(lambda z: z + d, torch.zeros_like(c), max_iter=3 * m, tol=1e-12,
+                          m=m, lam=0.0)
+    assert torch.isfinite(z).all() and info["nfe"] == 3 * m
+    assert torch.allclose(info["abs_lowest"], torch.full((3,), 0.25 * 8 ** 0.5, dtype=torch.float64))
+
+
 def test_return_final_runs_all_steps_and_returns_last():
     func, _ = _easy_hard()
     counting = Counting(func)
