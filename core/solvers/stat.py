@@ -120,9 +120,12 @@ class ConvergenceTracker:
     exit (the safety net still freezes diverging samples). The bookkeeping lives on the
     host (numpy); `info()` moves it to the state's device.
 
-    The traces and lowest values keep (||f(z) - z||, ||f(z)||) pairs; relative residuals
-    are divided out once, in `info()` (and per step only with stop_mode 'rel'). A norm
-    of -1 marks "no step yet", whose relative residual is the 1e8 placeholder.
+    Traces and lowest values keep (||f(z) - z||, ||f(z)||) pairs; relative residuals are
+    divided out once, in `info()` (and per step only with stop_mode 'rel'). A norm of -1
+    marks "no step yet", whose relative residual is the 1e8 placeholder. After a step in
+    which every sample improved, the lowest values are that step's arrays, referenced
+    (`_all_step`) rather than copied; the trace keeps each step's arrays and is assembled
+    in `info()`.
     """
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
@@ -130,21 +133,21 @@ class ConvergenceTracker:
         batch = z0.shape[0]
         self.batch = batch
         self.device = z0.device
-        host_dtype = np.float64 if stat_dtype(z0.dtype) == torch.float64 else np.float32
+        self.host_dtype = np.float64 if stat_dtype(z0.dtype) == torch.float64 else np.float32
+        self.max_iter = max_iter
         self.tol = tol
         self.rel_mode = stop_mode == "rel"
         self.return_final = return_final
         self.best = z0
         # Row 0: ||f(z) - z||, row 1: ||f(z)||, at each sample's best step.
-        self.lowest = np.empty((2, batch), dtype=host_dtype)
+        self.lowest = np.empty((2, batch), dtype=self.host_dtype)
         self.lowest[0], self.lowest[1] = INIT_RESIDUAL, -1.0
-        # The stop-mode residual at the best step (a view of row 0 in 'abs' mode).
-        self.lowest_stop = (np.full(batch, INIT_RESIDUAL, dtype=host_dtype) if self.rel_mode
-                            else self.lowest[0])
-        self.lowest_step = np.zeros(batch, dtype=host_dtype)
-        # Step-major (max_iter + 1, 2, batch): step k's pair of rows is one block.
-        self.trace = np.empty((max_iter + 1, 2, batch), dtype=host_dtype)
-        self.trace[0] = self.lowest
+        # The stop-mode residual at the best step (row 0 of `lowest` in 'abs' mode).
+        self.lowest_stop = (np.full(batch, INIT_RESIDUAL, dtype=self.host_dtype)
+                            if self.rel_mode else self.lowest[0])
+        self.lowest_step = np.zeros(batch, dtype=self.host_dtype)
+        self._all_step = 0  # > 0: every sample's lowest values are those of this step
+        self.rows: list[np.ndarray] = []  # step k's (2, batch) pair at index k - 1
         self.active = np.ones(batch, dtype=bool)
         self.caught = np.zeros(batch, dtype=bool)
         self.limit = None  # 1e3 x first residual, set at step 1
@@ -180,9 +183,8 @@ class ConvergenceTracker:
         """Record step k: `state` (B, D) is what this step would return, `abs_res` its
         residual ||f(z) - z|| (its square if `squared`) and `fx_norm` ||f(z)|| per row
         ((B,) or (B, 1))."""
+        new = np.empty((2, self.batch), dtype=self.host_dtype)
         abs_res, fx_norm = _to_host(abs_res, fx_norm)
-        active, all_active = self.active, self.all_active
-        new = self.trace[k]
         if squared:
             np.sqrt(abs_res, out=new[0])
         else:
@@ -197,17 +199,17 @@ class ConvergenceTracker:
                 if self.rel_mode:
                     stop_res = abs_res / (new[1] + REL_EPS)
         self.steps = k
+        self.rows.append(new)
+        active, all_active = self.active, self.all_active
         if all_active and not self.return_final:
-            # The common step, in five host ops: every sample within the safety limit,
-            # improved, and not yet converged (NaN margins fail the test).
-            margin = np.minimum(self.limit - abs_res, self.lowest_stop - stop_res)
-            if margin.min() > 0 and stop_res.min() >= self.tol:
-                self.lowest[:] = new
-                if self.rel_mode:
-                    self.lowest_stop[:] = stop_res
-                self.lowest_step.fill(k)
+            # The common step, in four host ops: every sample below its safety limit and
+            # its lowest residual (NaN fails), and none converged.
+            if ((stop_res < np.minimum(self.limit, self.lowest_stop)).all()
+                    and stop_res.min() >= self.tol):
+                self.lowest, self.lowest_stop, self._all_step = new, stop_res, k
                 self.best = state
                 return
+        self._own_lowest()
         ok = abs_res <= self.limit  # False for NaN and inf too
         if not all_active:
             ok &= active
@@ -227,10 +229,8 @@ class ConvergenceTracker:
             self._active_mask = None
         n_improved = np.count_nonzero(improved)
         if n_improved == self.batch:
-            self.lowest[:] = new
-            if self.rel_mode:
-                self.lowest_stop[:] = stop_res
-            self.lowest_step.fill(k)
+            self.lowest, self._all_step = new, k
+            self.lowest_stop = stop_res if self.rel_mode else new[0]
             self.best = state
         elif n_improved:
             np.copyto(self.lowest, new, where=improved)
@@ -240,13 +240,24 @@ class ConvergenceTracker:
             mask = torch.from_numpy(improved).to(self.device).unsqueeze(1)
             self.best = torch.where(mask, state, self.best)
 
+    def _own_lowest(self) -> None:
+        """Make the lowest values arrays of their own again (they may be a step's arrays)."""
+        if self._all_step:
+            self.lowest = self.lowest.copy()
+            self.lowest_stop = self.lowest_stop.copy() if self.rel_mode else self.lowest[0]
+            self.lowest_step = np.full(self.batch, self._all_step, dtype=self.host_dtype)
+            self._all_step = 0
+
     def info(self) -> SolverStat:
         """The statistics of the solve so far; pads traces after an early exit."""
-        steps = self.trace.shape[0]
-        if self.steps + 1 < steps:
-            self.trace[self.steps + 1:] = self.lowest
-        # (2, batch, steps + 1) and (2, batch): absolute, then relative residuals.
-        trace = _abs_rel(self.trace.transpose(1, 2, 0))
+        self._own_lowest()
+        pairs = np.empty((self.max_iter + 1, 2, self.batch), dtype=self.host_dtype)
+        pairs[0, 0], pairs[0, 1] = INIT_RESIDUAL, -1.0
+        if self.rows:
+            pairs[1:self.steps + 1] = np.stack(self.rows)
+        pairs[self.steps + 1:] = self.lowest  # stopped samples repeat their lowest values
+        # (2, batch, max_iter + 1) and (2, batch): absolute, then relative residuals.
+        trace = _abs_rel(pairs.transpose(1, 2, 0))
         lowest = _abs_rel(self.lowest)
         return SolverStat(
             abs_lowest=self._device(lowest[0]),
