@@ -94,3 +94,22 @@ def test_a_solve_nested_in_func_gets_its_own_history():
         plain, _, _ = anderson(outer, torch.zeros(8, 64, dtype=torch.float64), max_iter=40,
                                tol=1e-10)
     assert torch.equal(pooled, plain)
+
+
+def test_func_returning_its_input_never_hands_out_an_iterate_buffer():
+    # Anderson passes func its iterate buffers; an identity func would return one as the
+    # best state, which the next solve would overwrite
+    x0 = torch.randn(4, 64, dtype=torch.float64)
+    calls = []
+
+    def moves_once(z):  # x0 + 1 at the first call, then the identity: a mixed iterate
+        calls.append(1)
+        return z + 1 if len(calls) == 1 else z
+
+    with torch.no_grad():
+        z, states, _ = anderson(moves_once, x0, max_iter=5, tol=1e-12, indexing=[2])
+        assert torch.equal(z, x0 + 1)
+        kept = z.clone()
+        func, other_x0 = _tanh_problem(seed=3, batch=4, dim=64)
+        anderson(func, other_x0, max_iter=20, tol=1e-10)
+    assert torch.equal(z, kept) and torch.equal(states[0], kept)
