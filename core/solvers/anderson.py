@@ -64,7 +64,8 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     with (workspace.lend((2, batch, m, dim), wdt, device) as history,
           workspace.lend((2, batch, 1, dim), wdt, device) as iterates):
         ring = _History(history, iterates, p.sync_free)
-        iterate_memory = iterates.untyped_storage().data_ptr()
+        # Eager mode hands func the iterate buffers (sync-free mode, new tensors).
+        iterate_memory = None if p.sync_free else iterates.untyped_storage().data_ptr()
         mixer = _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free)
         x = p.z0.to(wdt)
         for k in range(1, p.max_iter + 1):
@@ -82,7 +83,7 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
                 fx = fx_state.to(wdt)
             else:
                 fx_state = fx = p.call(x, tracker)
-                if fx.untyped_storage().data_ptr() == iterate_memory:
+                if iterate_memory and fx.untyped_storage().data_ptr() == iterate_memory:
                     # func returned (a view of) its input, an iterate buffer: the tracker
                     # may keep fx as the best state, so it must not be overwritten later
                     fx_state = fx = fx.clone()
