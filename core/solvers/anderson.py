@@ -21,7 +21,7 @@ import torch
 from .problem import FixedPointProblem
 from .registry import register_solver
 from . import workspace
-from .stat import row_mix, stat_dtype
+from .stat import finite_on_host, row_mix, stat_dtype
 
 __all__ = ["anderson"]
 
@@ -233,6 +233,8 @@ class _Mixer:
             # LU's only failure, an exactly zero pivot (a history singular in floating
             # point, e.g. repeated residuals with lam=0), shows in alpha as inf or NaN.
             alpha = torch.linalg.solve_ex(bordered, first)[0][:, 1:].transpose(1, 2)
+            if finite_on_host(alpha):
+                return alpha
         else:
             chol, info = torch.linalg.cholesky_ex(gram)
             w = torch.cholesky_solve(ones, chol).transpose(1, 2)

@@ -34,7 +34,7 @@ import torch
 from .problem import FixedPointProblem
 from . import workspace
 from .registry import register_solver
-from .stat import is_narrow, row_mix, stat_dtype
+from .stat import finite_on_host, is_narrow, row_mix, stat_dtype
 
 __all__ = ["broyden"]
 
@@ -177,9 +177,11 @@ class _PairRing:
             k_row.copy_(torch.bmm(s_row, p_hist_t))  # s . p_j (bmm into a strided out= is 2x slower)
             torch.sub(ps, ss, out=k_column)  # s_i . p - s_i . s, the diagonal too
         coeffs = torch.linalg.solve_ex(k_n, gs.transpose(1, 2))[0].transpose(1, 2)  # (B, 1, n)
-        # Finite iff their sum is, and x - x == 0 iff x is finite: cheaper than isfinite + all.
-        total = coeffs.sum(dim=2, keepdim=True)
-        coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
+        if not finite_on_host(coeffs):
+            # Finite iff their sum is, and x - x == 0 iff x is finite: fewer ops than
+            # isfinite + all.
+            total = coeffs.sum(dim=2, keepdim=True)
+            coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
         g_row = g.unsqueeze(1) if self.sync_free else self.g_row
         if is_narrow(p_hist):
             return torch.sub(g_row, row_mix(coeffs, p_hist)).squeeze(1)

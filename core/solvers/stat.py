@@ -61,6 +61,20 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def finite_on_host(t: torch.Tensor) -> bool:
+    """True if `t` is a CPU tensor (outside autograd and compilation) whose entries are all
+    finite.
+
+    Reading a CPU tensor needs no device synchronisation, and numpy's one-call sum
+    (inf or NaN if any entry is, or on overflow) costs a fraction of the two tensor ops
+    and the select of a per-sample check; False sends the caller to that check.
+    """
+    if t.device.type != "cpu" or t.requires_grad or torch.compiler.is_compiling():
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(t.numpy().sum()))
+
+
 def residuals(fz: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype):
     """Per-row absolute ||diff|| and relative ||diff|| / (||fz|| + 1e-9), in `dtype`."""
     abs_res = torch.linalg.vector_norm(diff, dim=1, dtype=dtype)
