@@ -92,7 +92,8 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             mixer.add(slot, dots)
             # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
             tracker.observe(k, fx_state, dots.select(2, slot),
-                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt), squared=True)
+                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt,
+                                                     out=tracker.outputs(k)[1]), squared=True)
             if k in want:
                 captured[k] = tracker.best
             if tracker.done:

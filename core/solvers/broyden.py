@@ -88,8 +88,9 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
                 x_state = x
                 fx = p.call(x, tracker)
             g = ring.residual(fx, x)
-            tracker.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=sdt),
-                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt))
+            abs_out, norm_out = tracker.outputs(k)
+            tracker.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=sdt, out=abs_out),
+                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt, out=norm_out))
             if k in want:
                 captured[k] = tracker.best
             if tracker.done or k == p.max_iter:

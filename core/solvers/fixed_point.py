@@ -55,8 +55,9 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
         fz = p.call(z, tracker)
         diff = fz - z
         z_next = fz if tau == 1.0 else torch.add(z, diff, alpha=tau)
-        tracker.observe(k, z_next, torch.linalg.vector_norm(diff, dim=1, dtype=sdt),
-                        torch.linalg.vector_norm(fz, dim=1, dtype=sdt))
+        abs_out, norm_out = tracker.outputs(k)
+        tracker.observe(k, z_next, torch.linalg.vector_norm(diff, dim=1, dtype=sdt, out=abs_out),
+                        torch.linalg.vector_norm(fz, dim=1, dtype=sdt, out=norm_out))
         if k in want:
             captured[k] = tracker.best
         if tracker.done:

@@ -161,7 +161,12 @@ class ConvergenceTracker:
                             if self.rel_mode else self.lowest[0])
         self.lowest_step = np.zeros(batch, dtype=self.host_dtype)
         self._all_step = 0  # > 0: every sample's lowest values are those of this step
-        self.rows: list[np.ndarray] = []  # step k's (2, batch) pair at index k - 1
+        # Step-major (max_iter + 1, 2, batch): step k's pair of rows is one block. On CPU
+        # a tensor shares its memory, so the solver's norms are written straight into it
+        # (`outputs`): no conversion per step.
+        self.trace = np.empty((max_iter + 1, 2, batch), dtype=self.host_dtype)
+        self.trace[0] = self.lowest
+        self._trace_tensor = torch.from_numpy(self.trace) if self.device.type == "cpu" else None
         self.active = np.ones(batch, dtype=bool)
         self.caught = np.zeros(batch, dtype=bool)
         self.limit = None  # 1e3 x first residual, set at step 1
@@ -192,19 +197,31 @@ class ConvergenceTracker:
             self._active_mask = torch.from_numpy(self.active).to(self.device).unsqueeze(1)
         return torch.where(self._active_mask, new, old)
 
+    def outputs(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Where step k's residual and norm may be written (`out=`): on CPU, the trace
+        itself; elsewhere (None, None)."""
+        if self._trace_tensor is None or torch.is_grad_enabled():  # out= has no autograd
+            return None, None
+        written = self._trace_tensor[k]
+        return written[0], written[1]
+
     def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
         """Record step k: `state` (B, D) is what this step would return, `abs_res` its
         residual ||f(z) - z|| (its square if `squared`) and `fx_norm` ||f(z)|| per row
-        ((B,) or (B, 1))."""
-        new = np.empty((2, self.batch), dtype=self.host_dtype)
-        abs_res, fx_norm = _to_host(abs_res, fx_norm)
-        if squared:
-            np.sqrt(abs_res, out=new[0])
+        ((B,) or (B, 1)), possibly already written to `outputs(k)`."""
+        new = self.trace[k]
+        if self._trace_tensor is None:
+            new[:] = torch.stack((abs_res.reshape(-1), fx_norm.reshape(-1))).cpu().numpy()
         else:
-            new[0] = abs_res
-        new[1] = fx_norm
+            written = self._trace_tensor[k]
+            if abs_res.data_ptr() != written[0].data_ptr():
+                written[0].copy_(abs_res.detach().reshape(-1))
+            if fx_norm.data_ptr() != written[1].data_ptr():
+                written[1].copy_(fx_norm.detach().reshape(-1))
         abs_res = new[0]
+        if squared:
+            np.sqrt(abs_res, out=abs_res)
         stop_res = abs_res
         if self.limit is None or self.rel_mode:
             with np.errstate(all="ignore"):  # NaN and inf residuals are caught below
@@ -213,13 +230,12 @@ class ConvergenceTracker:
                 if self.rel_mode:
                     stop_res = abs_res / (new[1] + REL_EPS)
         self.steps = k
-        self.rows.append(new)
         active, all_active = self.active, self.all_active
         if all_active and not self.return_final:
             # The common step, in four host ops: every sample below its safety limit and
             # its lowest residual (NaN fails), and none converged.
-            if ((stop_res < np.minimum(self.limit, self.lowest_stop)).all()
-                    and stop_res.min() >= self.tol):
+            if (np.count_nonzero(stop_res < np.minimum(self.limit, self.lowest_stop)) == self.batch
+                    and np.minimum.reduce(stop_res) >= self.tol):
                 self.lowest, self.lowest_stop, self._all_step = new, stop_res, k
                 self.best = state
                 return
@@ -265,13 +281,9 @@ class ConvergenceTracker:
     def info(self) -> SolverStat:
         """The statistics of the solve so far; pads traces after an early exit."""
         self._own_lowest()
-        pairs = np.empty((self.max_iter + 1, 2, self.batch), dtype=self.host_dtype)
-        pairs[0, 0], pairs[0, 1] = INIT_RESIDUAL, -1.0
-        if self.rows:
-            pairs[1:self.steps + 1] = np.stack(self.rows)
-        pairs[self.steps + 1:] = self.lowest  # stopped samples repeat their lowest values
+        self.trace[self.steps + 1:] = self.lowest  # stopped samples repeat their lowest values
         # (2, batch, max_iter + 1) and (2, batch): absolute, then relative residuals.
-        trace = _abs_rel(pairs.transpose(1, 2, 0))
+        trace = _abs_rel(self.trace.transpose(1, 2, 0))
         lowest = _abs_rel(self.lowest)
         return SolverStat(
             abs_lowest=self._device(lowest[0]),
@@ -293,15 +305,6 @@ def _abs_rel(pairs: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         relative = np.where(norm < 0, INIT_RESIDUAL, absolute / (norm + REL_EPS))
     return np.stack((absolute, relative.astype(absolute.dtype)))
-
-
-def _to_host(*vectors: torch.Tensor) -> list[np.ndarray]:
-    """(B,) or (B, 1) tensors as (B,) numpy arrays: views on CPU, else one stacked copy
-    (one sync)."""
-    vectors = [v.detach() if v.requires_grad else v for v in vectors]
-    if vectors[0].device.type == "cpu":
-        return [v.numpy().reshape(-1) if v.dim() > 1 else v.numpy() for v in vectors]
-    return list(torch.stack([v.reshape(-1) for v in vectors]).cpu().numpy())
 
 
 class SyncFreeTracker:
@@ -338,6 +341,11 @@ class SyncFreeTracker:
     def freeze(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """`new` for active rows, `old` for stopped ones."""
         return torch.where(self.active.unsqueeze(1), new, old)
+
+    @staticmethod
+    def outputs(k: int) -> tuple[None, None]:
+        """No preset outputs: the step's norms are new tensors."""
+        return None, None
 
     def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
