@@ -16,6 +16,8 @@ instead of recomputing O(m^2 B D)), and states in float16/bfloat16 are iterated 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .problem import FixedPointProblem
@@ -175,24 +177,17 @@ class _Mixer:
 
     def __init__(self, batch, m, lam, dtype, device, unrolled=False):
         self.unrolled = unrolled
+        self.floor = torch.finfo(dtype).tiny ** 0.5
         if unrolled:  # no border: G alone keeps the compiled graph's writes small
+            const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
             self.bordered = None
             self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
-        else:
-            self.bordered = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
-            self.bordered[:, 0, 1:] = 1.0
-            self.bordered[:, 1:, 0] = 1.0
+        else:  # eager: the constants are made once per configuration
+            const = _mixer_constants(batch, m, lam, dtype, device, self.floor)
+            self.bordered = const.border.clone()
             self.gram = self.bordered[:, 1:, 1:]
-        self.floor = torch.finfo(dtype).tiny ** 0.5
-        eye = torch.eye(m + 1, dtype=dtype, device=device)
-        self.eye = eye[1:, 1:]
-        # Row `slot` of these scales and shifts a new row of dots: (1 + lam) and the
-        # floor on the diagonal entry only.
-        self.scale = 1.0 + lam * self.eye
-        self.shift = self.floor * self.eye
-        self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
-        self.first = eye[:, :1].expand(batch, m + 1, 1)  # [1; 0]
-        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.eye, self.scale, self.shift = const.eye, const.scale, const.shift
+        self.ones, self.first, self.zero = const.ones, const.first, const.zero
         self._views: dict[tuple, tuple] = {}
 
     def add(self, slot: int, dots: torch.Tensor) -> None:
@@ -248,6 +243,31 @@ class _Mixer:
         if failed is not None:
             good = good & ~failed
         return torch.where(good, alpha, plain)  # row `newest` of the identity: plain weights
+
+
+class _MixerConstants:
+    """The tensors a `_Mixer` reads but never writes, for one configuration."""
+
+    def __init__(self, batch, m, lam, dtype, device, floor):
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            eye = torch.eye(m + 1, dtype=dtype, device=device)
+            self.eye = eye[1:, 1:]
+            # Row `slot` of these scales and shifts a new row of dots: (1 + lam) and the
+            # floor on the diagonal entry only.
+            self.scale = 1.0 + lam * self.eye
+            self.shift = floor * self.eye
+            self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
+            self.first = eye[:, :1].expand(batch, m + 1, 1)  # [1; 0]
+            self.zero = torch.zeros((), dtype=dtype, device=device)
+            # H with G = 0, copied per solve
+            self.border = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
+            self.border[:, 0, 1:] = 1.0
+            self.border[:, 1:, 0] = 1.0
+
+
+@functools.lru_cache(maxsize=16)
+def _mixer_constants(batch, m, lam, dtype, device, floor) -> _MixerConstants:
+    return _MixerConstants(batch, m, lam, dtype, device, floor)
 
 
 # Up to this size, a batched LU solve (`solve_ex`, one call) is faster on CPU than

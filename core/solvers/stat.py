@@ -51,9 +51,11 @@ class SolverStat(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for key in ("abs_lowest", "rel_lowest", "nstep", "sradius"):
-            self.setdefault(key, torch.tensor([-1.0]))
+            if key not in self:
+                self[key] = torch.tensor([-1.0])
         for key in ("abs_trace", "rel_trace"):
-            self.setdefault(key, torch.tensor([[-1.0]]))
+            if key not in self:
+                self[key] = torch.tensor([[-1.0]])
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,7 +165,8 @@ class ConvergenceTracker:
         # Step-major (max_iter + 1, 2, batch): step k's pair of rows is one block. On CPU
         # a tensor shares its memory, so the solver's norms are written straight into it
         # (`outputs`): no conversion per step.
-        self.trace = np.empty((max_iter + 1, 2, batch), dtype=self.host_dtype)
+        # One more row at the end receives the lowest values in `info()`.
+        self.trace = np.empty((max_iter + 2, 2, batch), dtype=self.host_dtype)
         self.trace[0] = self.lowest
         self._trace_tensor = torch.from_numpy(self.trace) if self.device.type == "cpu" else None
         self.active = np.ones(batch, dtype=bool)
@@ -280,30 +283,25 @@ class ConvergenceTracker:
     def info(self) -> SolverStat:
         """The statistics of the solve so far; pads traces after an early exit."""
         self._own_lowest()
-        self.trace[self.steps + 1:] = self.lowest  # stopped samples repeat their lowest values
-        # (2, batch, max_iter + 1) and (2, batch): absolute, then relative residuals.
-        trace = _abs_rel(self.trace.transpose(1, 2, 0))
-        lowest = _abs_rel(self.lowest)
+        # Stopped samples repeat their lowest values; the last row is the lowest values.
+        self.trace[self.steps + 1:] = self.lowest
+        pairs = self.trace.transpose(1, 2, 0)  # (2, batch, max_iter + 2)
+        # Absolute and relative residuals, (2, batch, max_iter + 2); a norm < 0: 1e8.
+        residual = np.empty(pairs.shape, dtype=self.host_dtype)
+        residual[0] = pairs[0]
+        with np.errstate(all="ignore"):
+            np.divide(pairs[0], pairs[1] + REL_EPS, out=residual[1])
+        np.copyto(residual[1], INIT_RESIDUAL, where=pairs[1] < 0)
+        parts = (residual[0, :, -1], residual[1, :, -1], residual[0, :, :-1],
+                 residual[1, :, :-1], self.lowest_step)  # numpy views: no tensor ops
+        parts = [torch.from_numpy(part) for part in parts]
+        if self.device.type != "cpu":
+            parts = [part.to(self.device) for part in parts]
         return SolverStat(
-            abs_lowest=self._device(lowest[0]),
-            rel_lowest=self._device(lowest[1]),
-            abs_trace=self._device(trace[0]),
-            rel_trace=self._device(trace[1]),
-            nstep=self._device(self.lowest_step),
-            nfe=self.nfe,
-            n_fallback=torch.tensor(int(self.caught.sum()), device=self.device),
+            abs_lowest=parts[0], rel_lowest=parts[1], abs_trace=parts[2], rel_trace=parts[3],
+            nstep=parts[4], nfe=self.nfe,
+            n_fallback=torch.tensor(np.count_nonzero(self.caught), device=self.device),
         )
-
-    def _device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device)
-
-
-def _abs_rel(pairs: np.ndarray) -> np.ndarray:
-    """(||f(z) - z||, ||f(z)||) rows -> (absolute, relative) rows (a norm < 0: 1e8)."""
-    absolute, norm = pairs[0], pairs[1]
-    with np.errstate(all="ignore"):
-        relative = np.where(norm < 0, INIT_RESIDUAL, absolute / (norm + REL_EPS))
-    return np.stack((absolute, relative.astype(absolute.dtype)))
 
 
 class SyncFreeTracker:

@@ -21,7 +21,7 @@ a solve under `torch.inference_mode` and a later one under `no_grad` can share t
 """
 from __future__ import annotations
 
-import contextlib
+import math
 import threading
 
 import torch
@@ -63,36 +63,47 @@ def cached_bytes() -> int:
     return sum(_nbytes(t) for t in _free())
 
 
-@contextlib.contextmanager
-def lend(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-    """An uninitialised tensor of `shape` for the duration of the `with` block.
+class lend:
+    """An uninitialised tensor of `shape` for the duration of a `with` block.
 
     On CPU, in eager mode with autograd off, it is a kept buffer when one is large enough
-    (and goes back to the pool afterwards); otherwise a fresh `torch.empty`.
+    (and goes back to the pool afterwards); otherwise a fresh `torch.empty`. (A class
+    rather than a generator context manager: it runs on every solve.)
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    if not _poolable(device, numel * dtype.itemsize):
-        yield torch.empty(shape, dtype=dtype, device=device)
-        return
-    free = _free()
-    fits = [t for t in free if t.dtype == dtype and t.numel() >= numel]
-    if fits:
-        buf = min(fits, key=torch.Tensor.numel)
-        del free[next(i for i, t in enumerate(free) if t is buf)]  # not `remove`: tensor ==
-    else:
-        with torch.inference_mode(False):
-            buf = torch.empty(numel, dtype=dtype, device=device)
-    try:
-        yield buf[:numel].view(shape)
-    finally:
-        free.append(buf)
-        _trim(free)
+
+    __slots__ = ("shape", "dtype", "device", "_buf")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self._buf = None
+
+    def __enter__(self) -> torch.Tensor:
+        numel = math.prod(self.shape)
+        if not _poolable(self.device, numel * self.dtype.itemsize):
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        free = _free()
+        best = None
+        for i, t in enumerate(free):
+            if t.dtype == self.dtype and t.numel() >= numel and (
+                    best is None or t.numel() < free[best].numel()):
+                best = i
+        if best is None:
+            with torch.inference_mode(False):
+                self._buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+        else:
+            self._buf = free.pop(best)
+        return self._buf[:numel].view(self.shape)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._buf is not None:
+            free = _free()
+            free.append(self._buf)
+            self._buf = None
+            _trim(free)
 
 
 def _poolable(device: torch.device, nbytes: int) -> bool:
-    return (torch.device(device).type == "cpu" and nbytes <= _limit_bytes
+    return (device.type == "cpu" and nbytes <= _limit_bytes
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
