@@ -284,16 +284,16 @@ class ConvergenceTracker:
         """The statistics of the solve so far; pads traces after an early exit."""
         self._own_lowest()
         # Stopped samples repeat their lowest values; the last row is the lowest values.
-        self.trace[self.steps + 1:] = self.lowest
-        pairs = self.trace.transpose(1, 2, 0)  # (2, batch, max_iter + 2)
-        # Absolute and relative residuals, (2, batch, max_iter + 2); a norm < 0: 1e8.
-        residual = np.empty(pairs.shape, dtype=self.host_dtype)
-        residual[0] = pairs[0]
+        pairs = self.trace  # (max_iter + 2, 2, batch), step-major: contiguous rows
+        pairs[self.steps + 1:] = self.lowest
+        # Absolute and relative residuals; a norm < 0 (no step yet): 1e8.
+        residual = np.empty_like(pairs)
+        residual[:, 0] = pairs[:, 0]
         with np.errstate(all="ignore"):
-            np.divide(pairs[0], pairs[1] + REL_EPS, out=residual[1])
-        np.copyto(residual[1], INIT_RESIDUAL, where=pairs[1] < 0)
-        parts = (residual[0, :, -1], residual[1, :, -1], residual[0, :, :-1],
-                 residual[1, :, :-1], self.lowest_step)  # numpy views: no tensor ops
+            np.divide(pairs[:, 0], pairs[:, 1] + REL_EPS, out=residual[:, 1])
+        np.copyto(residual[:, 1], INIT_RESIDUAL, where=pairs[:, 1] < 0)
+        parts = (residual[-1, 0], residual[-1, 1], residual[:-1, 0].T,
+                 residual[:-1, 1].T, self.lowest_step)  # numpy views: no tensor ops
         parts = [torch.from_numpy(part) for part in parts]
         if self.device.type != "cpu":
             parts = [part.to(self.device) for part in parts]
