@@ -169,6 +169,7 @@ class ConvergenceTracker:
         self.trace = np.empty((max_iter + 2, 2, batch), dtype=self.host_dtype)
         self.trace[0] = self.lowest
         self._trace_tensor = torch.from_numpy(self.trace) if self.device.type == "cpu" else None
+        self._outputs = (None, None, None)  # (k, views) of the last `outputs(k)`
         self.active = np.ones(batch, dtype=bool)
         self.caught = np.zeros(batch, dtype=bool)
         self.limit = None  # 1e3 x first residual, set at step 1
@@ -204,8 +205,9 @@ class ConvergenceTracker:
         itself; elsewhere (None, None)."""
         if self._trace_tensor is None or torch.is_grad_enabled():  # out= has no autograd
             return None, None
-        written = self._trace_tensor[k]
-        return written[0], written[1]
+        views = self._trace_tensor[k].unbind(0)
+        self._outputs = (k, *views)
+        return views
 
     def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
@@ -216,11 +218,13 @@ class ConvergenceTracker:
         if self._trace_tensor is None:
             new[:] = torch.stack((abs_res.reshape(-1), fx_norm.reshape(-1))).cpu().numpy()
         else:
-            written = self._trace_tensor[k]
-            if abs_res.data_ptr() != written[0].data_ptr():
-                written[0].copy_(abs_res.detach().reshape(-1))
-            if fx_norm.data_ptr() != written[1].data_ptr():
-                written[1].copy_(fx_norm.detach().reshape(-1))
+            step, abs_view, norm_view = self._outputs
+            if step != k:
+                abs_view, norm_view = self._trace_tensor[k].unbind(0)
+            if abs_res is not abs_view:
+                abs_view.copy_(abs_res.detach().reshape(-1))
+            if fx_norm is not norm_view:
+                norm_view.copy_(fx_norm.detach().reshape(-1))
         abs_res = new[0]
         if squared:
             np.sqrt(abs_res, out=abs_res)
