@@ -17,9 +17,10 @@ sample (row):
   catches it: a residual that is non-finite or above 1e3 x its first residual freezes
   the sample at its best state and counts it in `n_fallback`.
 
-Two trackers keep them. `ConvergenceTracker` (eager mode) copies the step's two (B,)
-residual vectors to the host, its one synchronisation per step, and keeps the per-sample
-bookkeeping there in numpy: a handful of tensor operations per step cost more than the
+Two trackers keep them. `ConvergenceTracker` (eager mode) keeps the per-sample
+bookkeeping on the host in numpy: on CPU the solvers write each step's two (B,) vectors
+straight into its trace (`outputs(k)`), elsewhere it copies them to the host, its one
+synchronisation per step. A handful of tensor operations per step cost more than the
 rest of a small solver's step (5-15 us each on CPU, against about 1 us for numpy on a
 few hundred floats). It stops when no sample is active, skips masking while every sample
 is active and skips the best-state select when every sample improved; device masks are
@@ -138,9 +139,8 @@ class ConvergenceTracker:
     Traces and lowest values keep (||f(z) - z||, ||f(z)||) pairs; relative residuals are
     divided out once, in `info()` (and per step only with stop_mode 'rel'). A norm of -1
     marks "no step yet", whose relative residual is the 1e8 placeholder. After a step in
-    which every sample improved, the lowest values are that step's arrays, referenced
-    (`_all_step`) rather than copied; the trace keeps each step's arrays and is assembled
-    in `info()`.
+    which every sample improved, the lowest values are that step's trace rows, referenced
+    (`_all_step`) rather than copied until a later step changes them per sample.
     """
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
