@@ -289,3 +289,28 @@ def test_solver_stat_from_final_step():
     assert info["abs_trace"].shape == (2, 1) and (info["nstep"] == 7).all()
     tup = solver_stat_from_final_step((z, z[:, :1]), (fz, fz[:, :1]))
     assert torch.allclose(tup["abs_lowest"], torch.tensor([34.0 ** 0.5, 0.0]))
+
+
+@pytest.mark.parametrize("solver", STAT_SOLVERS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_device_path_of_the_tracker_matches_the_cpu_path(solver, stop_mode, monkeypatch):
+    # On CPU the solvers write their norms straight into the tracker's host trace; on
+    # other devices the tracker copies them over. CI has no GPU, so the copying path is
+    # run here on CPU, with a batch whose samples stop at different steps.
+    from core.solvers import stat
+
+    func, _ = _easy_hard()
+    x0 = torch.zeros(2, 8, dtype=torch.float64)
+    expected = solver(func, x0, max_iter=60, tol=1e-9, stop_mode=stop_mode, indexing=[3])
+    init = stat.ConvergenceTracker.__init__
+
+    def without_shared_trace(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._trace_tensor = None
+
+    monkeypatch.setattr(stat.ConvergenceTracker, "__init__", without_shared_trace)
+    copied = solver(func, x0, max_iter=60, tol=1e-9, stop_mode=stop_mode, indexing=[3])
+    assert torch.equal(copied[0], expected[0]) and torch.equal(copied[1][0], expected[1][0])
+    for key in ("abs_lowest", "rel_lowest", "abs_trace", "rel_trace", "nstep"):
+        assert torch.equal(copied[2][key], expected[2][key]), key
+    assert expected[2]["nstep"][0] < expected[2]["nstep"][1]  # the samples did stop apart
