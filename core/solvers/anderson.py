@@ -21,10 +21,10 @@ import functools
 import numpy as np
 import torch
 
-from .problem import FixedPointProblem
+from .problem import FixedPointProblem, check_tau
 from .registry import register_solver
 from . import workspace
-from .stat import finite_on_host, row_mix, stat_dtype
+from .stat import finite_on_host, row_mix
 
 __all__ = ["anderson"]
 
@@ -50,15 +50,12 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         raise ValueError(f"anderson: m (history size) must be an int >= 1, got {m!r}")
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0:
         raise ValueError(f"anderson: lam (regularisation) must be a number >= 0, got {lam!r}")
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
-        raise ValueError(f"anderson: tau (damping) must be a number > 0, got {tau!r}")
+    check_tau("anderson", tau)
 
     tracker = p.tracker()
-    sdt = stat_dtype(p.dtype)
-    wdt = p.work_dtype
+    sdt, wdt, want = p.stat_dtype, p.work_dtype, p.want
     low_precision = wdt != p.dtype
-    want = set(p.indexing)
-    captured = {0: p.z0} if 0 in want else {}
+    captured = p.start_captures(p.z0)
 
     batch, dim = p.z0.shape
     device = p.z0.device

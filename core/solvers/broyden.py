@@ -34,7 +34,7 @@ import torch
 from .problem import FixedPointProblem
 from . import workspace
 from .registry import register_solver
-from .stat import finite_on_host, is_narrow, row_mix, stat_dtype
+from .stat import finite_on_host, is_narrow, row_mix
 
 __all__ = ["broyden"]
 
@@ -63,11 +63,9 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         raise ValueError(f"broyden: m (number of stored pairs) must be an int >= 1, got {m!r}")
 
     tracker = p.tracker()
-    sdt = stat_dtype(p.dtype)
-    wdt = p.work_dtype
+    sdt, wdt, want = p.stat_dtype, p.work_dtype, p.want
     low_precision = wdt != p.dtype
-    want = set(p.indexing)
-    captured = {0: p.z0} if 0 in want else {}
+    captured = p.start_captures(p.z0)
 
     batch, dim = p.z0.shape
     device = p.z0.device

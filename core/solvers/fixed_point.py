@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .problem import FixedPointProblem
+from .problem import FixedPointProblem, check_tau
 from .registry import register_solver
-from .stat import solver_stat_from_final_step, stat_dtype
+from .stat import solver_stat_from_final_step
 
 __all__ = ["fixed_point_iter", "simple_fixed_point_iter"]
 
@@ -42,11 +42,10 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
     """
     p = FixedPointProblem("fixed_point_iter", func, x0, max_iter, tol, stop_mode, indexing,
                           return_final, sync_free, batch_independent, whole_state, kwargs)
-    _check_tau("fixed_point_iter", tau)
+    check_tau("fixed_point_iter", tau)
     tracker = p.tracker()
-    sdt = stat_dtype(p.dtype)
-    want = set(p.indexing)
-    captured = {0: p.z0} if 0 in want else {}
+    sdt, want = p.stat_dtype, p.want
+    captured = p.start_captures(p.z0)
     z = p.z0
     z_next = None
     for k in range(1, p.max_iter + 1):
@@ -80,10 +79,10 @@ def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", in
     p = FixedPointProblem("simple_fixed_point_iter", func, x0, max_iter, tol, stop_mode,
                           indexing, return_final, sync_free, batch_independent, whole_state,
                           kwargs)
-    _check_tau("simple_fixed_point_iter", tau)
+    check_tau("simple_fixed_point_iter", tau)
     layout = p.layout
-    want = set(p.indexing)
-    captured = {0: x0} if 0 in want else {}
+    want = p.want
+    captured = p.start_captures(x0)
     z = fz = x0
     for k in range(1, p.max_iter + 1):
         z = fz
@@ -109,11 +108,6 @@ def _damp(z, fz, tau):
     if torch.is_tensor(z):
         return torch.lerp(z, fz, tau)
     return type(z)(torch.lerp(a, b, tau) for a, b in zip(z, fz))
-
-
-def _check_tau(name, tau):
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
-        raise ValueError(f"{name}: tau (damping) must be a number > 0, got {tau!r}")
 
 
 register_solver("fixed_point_iter", fixed_point_iter)

@@ -16,9 +16,9 @@ import torch
 from core.utils.flatten import StateLayout
 
 from .registry import check_options
-from .stat import ConvergenceTracker, SyncFreeTracker
+from .stat import ConvergenceTracker, SyncFreeTracker, stat_dtype
 
-__all__ = ["FixedPointProblem"]
+__all__ = ["FixedPointProblem", "check_tau"]
 
 
 def _accepts_rows(func) -> bool:
@@ -76,7 +76,13 @@ class FixedPointProblem:
         if not self.dtype.is_floating_point:
             raise ValueError(f"{name}: x0 must be floating point, got {self.dtype}")
         self.work_dtype = torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
+        self.stat_dtype = stat_dtype(self.dtype)
+        self.want = frozenset(self.indexing)  # steps whose best state is captured
         self.nfe = 0
+
+    def start_captures(self, state) -> dict:
+        """The captured states before step 1: `state` at step 0 if `indexing` lists it."""
+        return {0: state} if 0 in self.want else {}
 
     def tracker(self) -> ConvergenceTracker | SyncFreeTracker:
         """A fresh tracker for this problem's statistics, best state and early exit."""
@@ -117,3 +123,9 @@ class FixedPointProblem:
     def states_at(self, captured: dict[int, torch.Tensor], final: torch.Tensor) -> list:
         """One state per entry of `indexing`: captured at that step, else the final best."""
         return [self.unpack(captured.get(i, final)) for i in self.indexing]
+
+
+def check_tau(name: str, tau) -> None:
+    """ValueError unless the damping `tau` is a number > 0."""
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
+        raise ValueError(f"{name}: tau (damping) must be a number > 0, got {tau!r}")
