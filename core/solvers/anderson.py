@@ -16,15 +16,12 @@ instead of recomputing O(m^2 B D)), and states in float16/bfloat16 are iterated 
 """
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 
 from .problem import FixedPointProblem, check_tau
 from .registry import register_solver
 from . import workspace
-from .stat import finite_on_host, row_mix
+from .stat import finite_on_host, host_solve, row_mix, solves_on_host
 
 __all__ = ["anderson"]
 
@@ -59,14 +56,12 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
     batch, dim = p.z0.shape
     device = p.z0.device
-    # The history, and two buffers the mixed iterates alternate in (func gets one while
-    # the other holds the previous iterate, which a frozen sample keeps).
-    with (workspace.lend((2, batch, m, dim), wdt, device) as history,
-          workspace.lend((2, batch, 1, dim), wdt, device) as iterates):
-        ring = _History(history, iterates, p.sync_free)
-        # Eager mode hands func the iterate buffers (sync-free mode, new tensors).
-        iterate_memory = None if p.sync_free else iterates.untyped_storage().data_ptr()
-        mixer = _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free)
+    key = ("anderson", m, lam, batch, dim, wdt, device, p.sync_free)
+    with workspace.reuse(key, _History.nbytes(m, batch, dim, wdt), device,
+                         lambda: (_History(m, batch, dim, wdt, device, p.sync_free),
+                                  _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free))
+                         ) as (ring, mixer):
+        iterate_memory = ring.iterates_address
         x = p.z0.to(wdt)
         for k in range(1, p.max_iter + 1):
             if k > 1:
@@ -102,16 +97,24 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
 
 class _History:
-    """The ring of f(x_i) and g_i = f(x_i) - x_i, with every view made once per solve.
+    """The ring of f(x_i) and g_i = f(x_i) - x_i, with every view made once.
 
+    Holds the history (2, B, m, D) and two buffers the mixed iterates alternate in (func
+    gets one while the other holds the previous iterate, which a frozen sample keeps).
     On CPU a tensor view costs as much as a small kernel (2-5 us a dispatch), so the
-    slots, prefixes and transposes the loop reads are cut once and kept. In eager mode
-    the new entry is written in place (`out=`) and the mixed iterate goes into one of the
-    two `iterates` buffers; sync-free mode uses functional ops (torch.compile rejects
-    `out=` into strided views).
+    slots, prefixes and transposes the loop reads are cut once and kept, and the whole
+    object serves solve after solve (`workspace.reuse`): every entry a solve reads, it
+    has written first. In eager mode the new entry is written in place (`out=`) and the
+    mixed iterate goes into one of the two iterate buffers; sync-free mode uses
+    functional ops (torch.compile rejects `out=` into strided views).
     """
 
-    def __init__(self, history: torch.Tensor, iterates: torch.Tensor, sync_free: bool):
+    def __init__(self, m: int, batch: int, dim: int, dtype: torch.dtype, device: torch.device,
+                 sync_free: bool):
+        history = torch.empty(2, batch, m, dim, dtype=dtype, device=device)
+        iterates = torch.empty(2, batch, 1, dim, dtype=dtype, device=device)
+        # Eager mode hands func the iterate buffers (sync-free mode, new tensors).
+        self.iterates_address = None if sync_free else iterates.untyped_storage().data_ptr()
         self.f, self.g = history.unbind(0)  # (B, m, D) each
         self.f_slots, self.g_slots = self.f.unbind(1), self.g.unbind(1)  # (B, D) each
         self.g_rows = self.g.split(1, dim=1)  # (B, 1, D) each
@@ -119,6 +122,11 @@ class _History:
         self.iterates = [row.squeeze(1) for row in self.iterate_rows]  # (B, D) each
         self.sync_free = sync_free
         self._prefix: dict[tuple[str, int], torch.Tensor] = {}
+
+    @staticmethod
+    def nbytes(m: int, batch: int, dim: int, dtype: torch.dtype) -> int:
+        """Memory of the history, the iterates and the mixer's matrix."""
+        return (2 * batch * (m + 1) * dim + batch * (m + 1) ** 2) * dtype.itemsize
 
     def prefix(self, which: str, n: int) -> torch.Tensor:
         """The first n entries: 'f' and 'g' (B, n, D), 'gT' (B, D, n)."""
@@ -180,16 +188,15 @@ class _Mixer:
             const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
             self.bordered = None
             self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
-        else:  # eager: the constants are made once per configuration
-            const = _mixer_constants(batch, m, lam, dtype, device, self.floor)
-            self.bordered = const.border.clone()
+        else:
+            const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
+            self.bordered = const.border
             self.gram = self.bordered[:, 1:, 1:]
         self.eye, self.scale, self.shift = const.eye, const.scale, const.shift
         self.ones, self.first, self.zero = const.ones, const.first, const.zero
         self._views: dict[tuple, tuple] = {}
-        # numpy views of H and [1; 0] for `_HOST_SOLVE_MAX_BATCH` samples or fewer on CPU
-        host = (not unrolled and self.bordered.device.type == "cpu"
-                and batch <= _HOST_SOLVE_MAX_BATCH and not self.bordered.requires_grad)
+        # numpy views of H and [1; 0] for `host_solve`
+        host = not unrolled and solves_on_host(self.bordered)
         self.host = self.bordered.numpy() if host else None
         self.host_first = self.first.numpy() if host else None
 
@@ -231,12 +238,10 @@ class _Mixer:
         elif n <= _LU_MAX_N and self.host is not None:
             # Small batches on CPU: numpy's LU on the shared memory of H costs less in
             # place than `solve_ex` and its two views (measured, conv cell: overhead
-            # 0.66 -> 0.63). An exactly singular H raises; the tensor path handles it.
-            try:
-                solution = np.linalg.solve(self.host[:, :n + 1, :n + 1], self.host_first[:, :n + 1])
-            except np.linalg.LinAlgError:
-                solution = None
-            if solution is not None and np.count_nonzero(np.isfinite(solution)) == solution.size:
+            # 0.66 -> 0.63). An exactly singular H or non-finite weights go on to the
+            # tensor path.
+            solution = host_solve(self.host[:, :n + 1, :n + 1], self.host_first[:, :n + 1])
+            if solution is not None:
                 return torch.from_numpy(solution[:, None, 1:, 0])
             alpha = torch.linalg.solve_ex(bordered, first)[0][:, 1:].transpose(1, 2)
         elif n <= _LU_MAX_N:
@@ -263,30 +268,20 @@ class _MixerConstants:
     """The tensors a `_Mixer` reads but never writes, for one configuration."""
 
     def __init__(self, batch, m, lam, dtype, device, floor):
-        with torch.inference_mode(False):  # usable in and out of inference mode
-            eye = torch.eye(m + 1, dtype=dtype, device=device)
-            self.eye = eye[1:, 1:]
-            # Row `slot` of these scales and shifts a new row of dots: (1 + lam) and the
-            # floor on the diagonal entry only.
-            self.scale = 1.0 + lam * self.eye
-            self.shift = floor * self.eye
-            self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
-            self.first = eye[:, :1].expand(batch, m + 1, 1)  # [1; 0]
-            self.zero = torch.zeros((), dtype=dtype, device=device)
-            # H with G = 0, copied per solve
-            self.border = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
-            self.border[:, 0, 1:] = 1.0
-            self.border[:, 1:, 0] = 1.0
+        eye = torch.eye(m + 1, dtype=dtype, device=device)
+        self.eye = eye[1:, 1:]
+        # Row `slot` of these scales and shifts a new row of dots: (1 + lam) and the
+        # floor on the diagonal entry only.
+        self.scale = 1.0 + lam * self.eye
+        self.shift = floor * self.eye
+        self.ones = torch.ones(batch, m, 1, dtype=dtype, device=device)
+        self.first = eye[:, :1].expand(batch, m + 1, 1)  # [1; 0]
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        # H with G = 0
+        self.border = torch.zeros(batch, m + 1, m + 1, dtype=dtype, device=device)
+        self.border[:, 0, 1:] = 1.0
+        self.border[:, 1:, 0] = 1.0
 
-
-@functools.lru_cache(maxsize=16)
-def _mixer_constants(batch, m, lam, dtype, device, floor) -> _MixerConstants:
-    return _MixerConstants(batch, m, lam, dtype, device, floor)
-
-
-# numpy's batched solve beats `solve_ex` up to about this batch (measured, n = 6: B=16
-# 34 vs 48 us, B=64 75 vs 61 us isolated; in place after func, B=64 still gains).
-_HOST_SOLVE_MAX_BATCH = 64
 
 # Up to this size, a batched LU solve (`solve_ex`, one call) is faster on CPU than
 # `cholesky_ex` + `cholesky_solve` (measured, B=512: n=2..6: 110-215 us vs 195-290 us);

@@ -10,22 +10,32 @@ and by the Woodbury identity the quasi-Newton step -B^{-1} g is
 
     g + P M^{-1} (S^T g),     P = Y + S,     M = N - S^T P   (n x n).
 
-The columns of P are p_i = f(x_{i+1}) - f(x_i), so the ring stores S and P (not Y): each
-step reads the ring three times (S with s, p and g stacked; P with s; P for the step).
+The columns of P are p_i = f(x_{i+1}) - f(x_i), so the ring stores S and P (not Y). The
+loop keeps K = -M = S^T P - N and computes the step as g - P K^{-1} (S^T g). K gains one
+row and column per step: the newest pair's column is s_i . p - s_i . s (every other pair
+is older) and its row s . p_j; the entries between the other pairs do not change. K is
+solved per sample with `linalg.solve_ex` (no error check, no host sync); non-finite
+coefficients (a singular K) are zeroed, so that sample takes the plain fixed-point step g.
 
-S, P live in a preallocated ring of m slots (default 20): when it is full the oldest pair
-is overwritten, so memory is O(m B D) whatever `max_iter` is, and the estimate is exactly
-good Broyden built from the last m pairs (dropping a pair from TorchDEQ's rank-one sum
-instead leaves the later pairs inconsistent, and the iteration can blow up). The loop
-keeps K = -M = S^T P - N and computes the step as g - P K^{-1} (S^T g), one `baddbmm`.
-K is kept one row and column per step: the newest pair's column is s_i . p - s_i . s
-(every other pair is older) and its row s . p_j, so no mask or Gram rebuild runs per
-step; the entries between the other pairs do not change, and a dropped pair's row and
-column are overwritten by the new pair's. K is solved per sample with `linalg.solve_ex`
-(no error check, no host sync); non-finite coefficients (a singular K, e.g. after a zero
-step of a frozen sample) are zeroed, so that sample takes the plain fixed-point step g.
-There is no line search: one `func` call per step. States in float16/bfloat16 are
-iterated in float32 (only `func` sees the state dtype).
+Memory is a ring of m + 1 slots of (s, p) rows, interleaved, so that each step passes
+over it twice and copies nothing:
+
+- the step is computed where the next s goes (s_i is the step x_{i+1} - x_i itself), and
+  g is written into that row first (the step overwrites it);
+- the newest s, p and g are then three consecutive rows, and one product of them with
+  the whole ring gives every dot the step needs (S^T s, S^T p, S^T g and s . P);
+- the slot after the newest pair is a spare that holds g: once the ring is full it is
+  the oldest pair, dropped. Its row of K is set to the unit row and its entry of S^T g
+  to 0, so its coefficient is exactly 0 and the rest is the system of the other m pairs:
+  exactly good Broyden built from the last m pairs, whatever `max_iter` is (dropping a
+  pair from TorchDEQ's rank-one sum instead leaves the later pairs inconsistent, and
+  the iteration can blow up).
+
+A frozen sample (converged or caught by the safety net) does not move, but its stored s
+is still the step it was offered: its coefficients are never used. States in
+float16/bfloat16 are iterated in float32 (only `func` sees the state dtype), and there
+s is the difference of the rounded states, not the step. There is no line search: one
+`func` call per step.
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ import torch
 from .problem import FixedPointProblem
 from . import workspace
 from .registry import register_solver
-from .stat import finite_on_host, is_narrow, row_mix
+from .stat import finite_on_host, host_solve, is_narrow, row_mix, solves_on_host
 
 __all__ = ["broyden"]
 
@@ -69,10 +79,9 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
     batch, dim = p.z0.shape
     device = p.z0.device
-    with (workspace.lend((2, batch, m, dim), wdt, device) as pairs,
-          workspace.lend((batch, 3, dim), wdt, device) as stage,
-          workspace.lend((batch, 1, dim), wdt, device) as step_out):
-        ring = _PairRing(pairs, stage, step_out, sync_free=p.sync_free)
+    with workspace.reuse(("broyden", m, batch, dim, wdt, device), _PairRing.nbytes(m, batch, dim, wdt),
+                         device, lambda: _PairRing(m, batch, dim, wdt, device)) as ring:
+        ring.start(p.sync_free)
         x = p.z0.to(wdt)
         x_prev = fx_prev = step = None
         for k in range(1, p.max_iter + 1):
@@ -94,9 +103,9 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
             if tracker.done or k == p.max_iter:
                 break
             if x_prev is None:
-                step = g  # no pairs yet: B = -I, a plain fixed-point step
+                step = g  # no pairs yet: B = -I, a plain fixed-point step (and s of pair 0)
             else:
-                step = ring.add_and_step(x, x_prev, fx, fx_prev, g)
+                step = ring.add_and_step(fx, fx_prev, (x, x_prev) if low_precision else None)
             x_prev, fx_prev = x, fx
     return p.result(tracker, captured)
 
@@ -104,90 +113,133 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 class _PairRing:
     """The last m pairs (s_i, p_i) per sample, the matrix K = -M, and the Broyden step.
 
-    Works in three lent buffers: `pairs` (2, B, m, D) holds S and P by slot; in eager mode
-    `stage` (B, 3, D) holds the newest s, p and g, so one product reads the ring of S for
-    all three, and `step_out` (B, 1, D) receives the step. Sync-free mode writes none of
-    them with `out=` (torch.compile rejects it for strided views) and stacks s, p, g
-    instead. On CPU a view costs as much as a small kernel, so the views each step reads
-    are made once per (slot, size) and kept.
+    Its `memory` (2(m + 1) + 1, B, D) holds slot j's s_j in row 2j and p_j in row 2j + 1,
+    row-major: each row is one contiguous (B, D) block, which the products read with a
+    leading dimension of B * D, and the step is written contiguously (into a strided
+    output, `baddbmm` loops over the samples, 2x slower). The last row stands in for row 0
+    when the newest pair is in the last slot (so that its s, p and g stay consecutive),
+    and the step written there is copied to row 0.
+
+    Every row and every entry of K a solve reads, it has written first (the spare's stale
+    p only with a coefficient of exactly 0), so nothing is zero-filled and the ring, with
+    the views cut from it, serves solve after solve (`workspace.reuse`): on CPU a view
+    costs as much as a small kernel. In eager mode the rows are written with `out=`;
+    sync-free mode assigns them (torch.compile rejects `out=` on strided views).
     """
 
-    def __init__(self, pairs, stage, step_out, sync_free=False):
-        batch, self.m = pairs.shape[1], pairs.shape[2]
-        self.sync_free = sync_free
-        # Only the first min(count, m) slots are ever read, all written first: no zero fill.
-        self.pairs = pairs
-        self.s, self.p = pairs.unbind(0)
-        self.stage = stage
-        self.stage_rows = stage.unbind(1)  # s, p, g: (B, D) each
-        self.stage_sp = stage[:, :2].transpose(0, 1)  # (2, B, D), as a slot of `pairs`
-        self.step_out = step_out
-        self.step_flat = step_out.squeeze(1)
-        self.g_row = stage[:, 2:3]
-        self.system = pairs.new_zeros(batch, self.m, self.m)  # K, by slot
-        self.zero = pairs.new_zeros(())
-        self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
+    def __init__(self, m, batch, dim, dtype, device):
+        self.m, self.slots = m, m + 1
+        self.memory = torch.empty(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
+        self.rows = self.memory.unbind(0)  # (B, D) each
+        self.system = torch.empty(batch, self.slots, self.slots, dtype=dtype, device=device)  # K
+        self.dots = torch.empty(batch * 3 * 2 * self.slots, dtype=dtype, device=device)
+        self.unit = torch.eye(self.slots, dtype=dtype, device=device)
+        self.others = 1.0 - self.unit  # row j masks out entry j
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.on_host = solves_on_host(self.system)  # K solved by numpy, sharing its memory
         self._views: dict[tuple[int, int], tuple] = {}
+        self.start(sync_free=False)
+
+    @staticmethod
+    def nbytes(m: int, batch: int, dim: int, dtype: torch.dtype) -> int:
+        slots = m + 1
+        return ((2 * slots + 1) * batch * dim + batch * slots * (slots + 6)) * dtype.itemsize
+
+    def start(self, sync_free: bool) -> None:
+        """Empty the ring for a new solve."""
+        self.sync_free = sync_free
+        self.count = 0  # pairs added so far (host int: the loop's step count, never a sync)
+        self.g_index = None  # memory row of the current g
 
     def residual(self, fx, x) -> torch.Tensor:
-        """g = f(x) - x (in eager mode written into the stage, for the next step's product)."""
+        """g = f(x) - x, written into the row of the next s (the step overwrites it)."""
+        self.g_index = 0 if self.g_index is None else 2 * (self.count % self.slots) + 2
         if self.sync_free:
-            return fx - x
-        return torch.sub(fx, x, out=self.stage_rows[2])
+            g = fx - x
+            self.memory[self.g_index] = g
+            return g
+        return torch.sub(fx, x, out=self.rows[self.g_index])
 
     def _slot_views(self, slot: int, n: int) -> tuple:
+        """Views of the memory, K and the products for the newest pair in `slot` and `n`
+        slots in use (numpy views of K and the right-hand side on the host, else None)."""
         views = self._views.get((slot, n))
         if views is None:
-            s_hist, p_hist = self.s[:, :n], self.p[:, :n]
-            views = (self.pairs[:, :, slot], s_hist.transpose(1, 2), p_hist,
-                     p_hist.transpose(1, 2), self.system[:, slot:slot + 1, :n],
-                     self.system.transpose(1, 2)[:, slot:slot + 1, :n], self.system[:, :n, :n],
-                     self.s[:, slot:slot + 1])
+            memory, system = self.memory, self.system
+            dots = self.dots[:memory.shape[1] * 3 * 2 * n].view(-1, 3, 2 * n)
+            views = (memory[2 * slot:2 * slot + 3].transpose(0, 1),  # s, p, g: (B, 3, D)
+                     memory[:2 * n].permute(1, 2, 0),  # s_0, p_0, s_1, ...: (B, D, 2n)
+                     memory[1:2 * n:2].transpose(0, 1),  # P: (B, n, D)
+                     memory[2 * slot + 2].unsqueeze(1),  # g, then the step: (B, 1, D)
+                     system[:, slot, :n], system[:, :n, slot], system[:, :n, :n],
+                     dots, dots[:, 0, 1::2], dots[:, 1, 0::2], dots[:, 0, 0::2],
+                     dots[:, 2, 0::2].unsqueeze(2))
+            if self.on_host:
+                views += (system.numpy()[:, :n, :n], dots.numpy()[:, 2, 0::2, None])
+            else:
+                views += (None, None)
             self._views[(slot, n)] = views
         return views
 
-    def add_and_step(self, x, x_prev, fx, fx_prev, g) -> torch.Tensor:
-        """Store s = x - x_prev, p = f(x) - f(x_prev) over the oldest slot; return -B^{-1} g.
-
-        The dots of s, p and g with every stored s come from one product (the ring of S is
-        read once); the row and column of K for the new slot are written in place.
-        """
-        slot = self.count % self.m
+    def add_and_step(self, fx, fx_prev, states=None) -> torch.Tensor:
+        """Store p = f(x) - f(x_prev) (and s = x - x_prev if `states` = (x, x_prev) are
+        given; else s is the last step, already in place) in the next slot, over the
+        oldest pair when full; return the step -B^{-1} g, written where the next s goes."""
+        slot = self.count % self.slots
         self.count += 1
-        n = min(self.count, self.m)
-        pair, s_hist_t, p_hist, p_hist_t, k_row, k_column, k_n, s_row = self._slot_views(slot, n)
+        full = self.count > self.m
+        n = self.slots if full else self.count
+        (stage, ring_t, p_ring, step_row, k_row, k_column, k_n, dots, s_dot_p, p_dot_s,
+         s_dot_s, rhs, host_k, host_rhs) = self._slot_views(slot, n)
+        spare = (slot + 1) % self.slots
         if self.sync_free:
-            s, p = x - x_prev, fx - fx_prev
-            self.s[:, slot] = s
-            self.p[:, slot] = p
-            stage = torch.stack((s, p, g), dim=1)
-            s_row = s.unsqueeze(1)
+            self.memory[2 * slot + 1] = fx - fx_prev
+            if states is not None:
+                self.memory[2 * slot] = states[0] - states[1]
+            dots = torch.bmm(stage, ring_t)
+            self.system[:, slot, :n] = dots[:, 0, 1::2]
+            self.system[:, :n, slot] = dots[:, 1, 0::2] - dots[:, 0, 0::2]
+            rhs = dots[:, 2, 0::2].unsqueeze(2)
+            if full:
+                self.system[:, spare] = self.unit[spare]
+                self.system[:, :, spare] = self.unit[spare]
+                rhs = rhs * self.others[spare].unsqueeze(1)
         else:
-            stage = self.stage
-            torch.sub(x, x_prev, out=self.stage_rows[0])
-            torch.sub(fx, fx_prev, out=self.stage_rows[1])
-            pair.copy_(self.stage_sp)  # s and p into the ring: one copy
-        with_s = torch.bmm(stage, s_hist_t)  # (B, 3, n): s_i . s, s_i . p, s_i . g
-        ss, ps, gs = with_s.split(1, dim=1)
-        if self.sync_free:
-            self.system[:, slot:slot + 1, :n] = torch.bmm(s_row, p_hist_t)
-            self.system.transpose(1, 2)[:, slot:slot + 1, :n] = ps - ss
+            torch.sub(fx, fx_prev, out=self.rows[2 * slot + 1])
+            if states is not None:
+                torch.sub(*states, out=self.rows[2 * slot])
+            torch.bmm(stage, ring_t, out=dots)  # (B, 3, 2n): [s; p; g] . [s_0, p_0, s_1, ...]
+            k_row.copy_(s_dot_p)  # s . p_j
+            torch.sub(p_dot_s, s_dot_s, out=k_column)  # s_j . p - s_j . s, the diagonal too
+            if full:  # the spare's coefficient is 0, whatever its stale entries
+                self.system[:, spare].copy_(self.unit[spare])
+                self.system[:, :, spare].copy_(self.unit[spare])
+                rhs[:, spare].zero_()
+        solution = None if self.sync_free or host_k is None else host_solve(host_k, host_rhs)
+        if solution is not None:
+            coeffs = torch.from_numpy(solution).transpose(1, 2)  # (B, 1, n)
         else:
-            k_row.copy_(torch.bmm(s_row, p_hist_t))  # s . p_j (bmm into a strided out= is 2x slower)
-            torch.sub(ps, ss, out=k_column)  # s_i . p - s_i . s, the diagonal too
-        coeffs = torch.linalg.solve_ex(k_n, gs.transpose(1, 2))[0].transpose(1, 2)  # (B, 1, n)
-        if not finite_on_host(coeffs):
-            # Finite iff their sum is, and x - x == 0 iff x is finite: fewer ops than
-            # isfinite + all.
-            total = coeffs.sum(dim=2, keepdim=True)
-            coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
-        g_row = g.unsqueeze(1) if self.sync_free else self.g_row
-        if is_narrow(p_hist):
-            return torch.sub(g_row, row_mix(coeffs, p_hist)).squeeze(1)
+            coeffs = torch.linalg.solve_ex(k_n, rhs)[0].transpose(1, 2)
+            if not finite_on_host(coeffs):
+                # Finite iff their sum is, and x - x == 0 iff x is finite: fewer ops than
+                # isfinite + all.
+                total = coeffs.sum(dim=2, keepdim=True)
+                coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
         if self.sync_free:
-            return torch.baddbmm(g_row, coeffs, p_hist, alpha=-1.0).squeeze(1)
-        torch.baddbmm(g_row, coeffs, p_hist, alpha=-1.0, out=self.step_out)
-        return self.step_flat
+            step = (torch.sub(step_row, row_mix(coeffs, p_ring)) if is_narrow(p_ring)
+                    else torch.baddbmm(step_row, coeffs, p_ring, alpha=-1.0)).squeeze(1)
+            self.memory[2 * slot + 2] = step
+            if slot == self.m:
+                self.memory[0] = step
+            return step
+        if is_narrow(p_ring):
+            torch.sub(step_row, row_mix(coeffs, p_ring), out=step_row)
+        else:
+            step_row.baddbmm_(coeffs, p_ring, alpha=-1.0)
+        step = self.rows[2 * slot + 2]
+        if slot == self.m:  # the step went to the last row: slot 0's s is row 0
+            self.rows[0].copy_(step)
+        return step
 
 
 register_solver("broyden", broyden)

@@ -1,4 +1,4 @@
-"""The solvers' scratch pool (`core.solvers.workspace`): reuse, isolation, limits."""
+"""The solver state kept between solves (`core.solvers.workspace`): reuse, isolation, limits."""
 import pytest
 import torch
 
@@ -14,47 +14,48 @@ def fresh_pool():
     workspace.clear()
 
 
-def test_a_returned_buffer_is_lent_again_for_a_smaller_request():
-    with torch.no_grad():
-        with workspace.lend((4, 100), torch.float32, "cpu") as first:
-            address = first.data_ptr()
-        assert workspace.cached_bytes() == 4 * 100 * 4
-        with workspace.lend((3, 50), torch.float32, "cpu") as second:
-            assert second.data_ptr() == address and second.shape == (3, 50)
-        with workspace.lend((3, 50), torch.float64, "cpu") as other_dtype:
-            assert other_dtype.data_ptr() != address
+def test_a_tensor_kept_from_inference_mode_is_writable_later_under_no_grad():
+    def build():
+        return torch.empty(8)
 
-
-def test_nested_lends_get_separate_buffers():
-    with torch.no_grad():
-        with workspace.lend((64,), torch.float32, "cpu") as outer:
-            with workspace.lend((64,), torch.float32, "cpu") as inner:
-                assert inner.data_ptr() != outer.data_ptr()
-
-
-def test_no_pooling_with_autograd_on_or_over_the_limit():
-    with torch.no_grad():
-        with workspace.lend((64,), torch.float32, "cpu"):
-            pass
-    with workspace.lend((64,), torch.float32, "cpu") as with_grad_mode:
-        assert with_grad_mode.data_ptr() not in [t.data_ptr() for t in workspace._free()]
-    assert workspace.cached_bytes() == 64 * 4  # the autograd-mode tensor was not kept
-    workspace.set_limit(0)
-    assert workspace.cached_bytes() == 0
-    with torch.no_grad(), workspace.lend((64,), torch.float32, "cpu"):
-        pass
-    assert workspace.cached_bytes() == 0
-    with pytest.raises(ValueError, match="limit"):
-        workspace.set_limit(-1)
-
-
-def test_a_buffer_lent_in_inference_mode_is_writable_later_under_no_grad():
     with torch.inference_mode():
-        with workspace.lend((8,), torch.float32, "cpu") as buf:
+        with workspace.reuse("buffer", 32, "cpu", build) as buf:
             buf.fill_(1.0)
-    with torch.no_grad(), workspace.lend((8,), torch.float32, "cpu") as again:
+    with torch.no_grad(), workspace.reuse("buffer", 32, "cpu", build) as again:
+        assert again is buf
         again.fill_(2.0)  # an inference tensor would raise here
         assert not again.is_inference()
+
+
+def test_a_reused_object_is_built_once_per_key_and_lent_to_one_block_at_a_time():
+    builds = []
+
+    def build():
+        builds.append(object())
+        return builds[-1]
+
+    with torch.no_grad():
+        with workspace.reuse("ring", 1000, "cpu", build) as first:
+            with workspace.reuse("ring", 1000, "cpu", build) as nested:
+                assert nested is not first  # in use: a nested block builds its own
+        assert len(builds) == 2 and workspace.cached_bytes() == 2000
+        with workspace.reuse("ring", 1000, "cpu", build) as again:
+            assert again in builds
+        with workspace.reuse("other", 1000, "cpu", build) as other:
+            assert other not in builds[:2]
+        assert len(builds) == 3
+        workspace.set_limit(2500)  # keeps the two most recent
+        assert workspace.cached_bytes() == 2000
+        workspace.set_limit(0)
+        with workspace.reuse("ring", 1000, "cpu", build):
+            pass
+        assert len(builds) == 4 and workspace.cached_bytes() == 0
+    workspace.set_limit(10**6)
+    with workspace.reuse("ring", 1000, "cpu", build):  # autograd on: never kept
+        pass
+    assert len(builds) == 5 and workspace.cached_bytes() == 0
+    with pytest.raises(ValueError, match="limit"):
+        workspace.set_limit(-1)
 
 
 def _tanh_problem(seed=0, batch=8, dim=64):
