@@ -217,7 +217,7 @@ class _PairRing:
                 rhs[:, spare].zero_()
         solution = None if self.sync_free or host_k is None else host_solve(host_k, host_rhs)
         if solution is not None:
-            coeffs = torch.from_numpy(solution).transpose(1, 2)  # (B, 1, n)
+            coeffs = torch.from_numpy(solution.reshape(solution.shape[0], 1, -1))  # (B, 1, n)
         else:
             coeffs = torch.linalg.solve_ex(k_n, rhs)[0].transpose(1, 2)
             if not finite_on_host(coeffs):

@@ -217,6 +217,21 @@ def test_tuple_state_round_trips(solver):
 
 
 @pytest.mark.parametrize("solver", STAT_SOLVERS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("shape", [(), (3,), (3, 4), (3, 2, 4, 4)], ids=str)
+def test_single_tensor_states_keep_their_shape(solver, shape):
+    seen = []
+
+    def func(z):
+        seen.append(z.shape)
+        return 0.5 * z + 1
+
+    z, _, info = solver(func, torch.zeros(shape, dtype=torch.float64), max_iter=100, tol=1e-10)
+    assert z.shape == shape and set(seen) == {shape}
+    assert torch.allclose(z, torch.full(shape, 2.0, dtype=torch.float64), atol=1e-8)
+    assert info["abs_lowest"].shape == ((shape[0],) if shape else (1,))
+
+
+@pytest.mark.parametrize("solver", STAT_SOLVERS, ids=lambda s: s.__name__)
 def test_whole_state_solves_coupled_system(solver):
     # samples coupled through a normalised adjacency: z = 0.8 P z + c
     gen = torch.Generator().manual_seed(3)
