@@ -49,6 +49,7 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         raise ValueError(f"anderson: lam (regularisation) must be a number >= 0, got {lam!r}")
     check_tau("anderson", tau)
 
+    p.differentiable = False
     tracker = p.tracker()
     sdt, wdt, want = p.stat_dtype, p.work_dtype, p.want
     low_precision = wdt != p.dtype

@@ -72,6 +72,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"broyden: m (number of stored pairs) must be an int >= 1, got {m!r}")
 
+    p.differentiable = False
     tracker = p.tracker()
     sdt, wdt, want = p.stat_dtype, p.work_dtype, p.want
     low_precision = wdt != p.dtype

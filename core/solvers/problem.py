@@ -79,6 +79,9 @@ class FixedPointProblem:
         self.stat_dtype = stat_dtype(self.dtype)
         self.want = frozenset(self.indexing)  # steps whose best state is captured
         self.nfe = 0
+        # False for solvers that write func's outputs into buffers in place (Anderson
+        # and Broyden): autograd cannot follow them.
+        self.differentiable = True
 
     def start_captures(self, state) -> dict:
         """The captured states before step 1: `state` at step 0 if `indexing` lists it."""
@@ -109,7 +112,14 @@ class FixedPointProblem:
     def _call_rows(self, z: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         state = self.layout.unflatten(z)
         out = self.func(state, rows=rows) if self.pass_rows else self.func(state)
-        return self.layout.flatten(out, rows=z.shape[0], what=f"{self.name}: func")
+        out = self.layout.flatten(out, rows=z.shape[0], what=f"{self.name}: func")
+        if self.nfe == 1 and not self.differentiable and out.requires_grad:
+            raise RuntimeError(
+                f"{self.name}: func's output requires grad, but {self.name} writes it into its "
+                "history in place, which autograd cannot follow; run the solve under "
+                "torch.no_grad() (a DEQ does, and differentiates the fixed point instead) or "
+                "use fixed_point_iter to backpropagate through the iterations")
+        return out
 
     def unpack(self, z: torch.Tensor):
         """A (B, D) matrix back into the structure of x0."""

@@ -81,3 +81,18 @@ def test_register_solver_makes_its_options_known(monkeypatch):
     # another solver now ignores `shrink` instead of rejecting it
     _, _, info = anderson(torch.tanh, X0 + 1, max_iter=30, shrink=0.3)
     assert info["abs_lowest"].max() < 1e-3
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_in_place_solvers_reject_a_differentiable_func_with_a_clear_error(sync_free):
+    weight = torch.nn.Parameter(torch.full((4, 4), 0.1))
+    func = lambda z: torch.tanh(z @ weight.T + 1)  # noqa: E731
+    for solver in (anderson, broyden):
+        with pytest.raises(RuntimeError, match="torch.no_grad"):
+            solver(func, torch.zeros(2, 4), max_iter=5, sync_free=sync_free)
+        with torch.no_grad():
+            z, _, _ = solver(func, torch.zeros(2, 4), max_iter=30, tol=1e-6, sync_free=sync_free)
+        assert torch.allclose(z, func(z).detach(), atol=1e-5)
+    z, _, _ = fixed_point_iter(func, torch.zeros(2, 4), max_iter=30, tol=1e-6)
+    z.sum().backward()  # fixed-point iteration stays differentiable
+    assert weight.grad.abs().sum() > 0
