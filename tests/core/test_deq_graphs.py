@@ -7,16 +7,6 @@ import torch
 from core.deq import DEQIndexing, DEQSliced, get_deq, register_deq
 
 
-def tanh_system(dim=16, batch=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-    w = 0.8 * w / torch.linalg.matrix_norm(w, 2)
-    u = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
-    b = torch.randn(dim, generator=gen, dtype=torch.float64)
-    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
-    return [t.requires_grad_() for t in (w, u, b, x)]
-
-
 class Counted:
     """f(z) = tanh(W z + U x + b) that counts its calls."""
 
@@ -50,7 +40,7 @@ TIGHT = dict(f_tol=1e-13, b_max_iter=100, b_tol=1e-13)
 
 
 @pytest.mark.parametrize("core", ["sliced", "indexing"])
-def test_n_states_and_indexing_return_sampled_states_with_gradients(core):
+def test_n_states_and_indexing_return_sampled_states_with_gradients(core, tanh_system):
     params = tanh_system()
     for options, n in ((dict(n_states=3, f_max_iter=30), 3), (dict(indexing=[2, 5], f_max_iter=30), 3)):
         f = Counted(params)
@@ -67,7 +57,7 @@ def test_n_states_and_indexing_return_sampled_states_with_gradients(core):
 
 @pytest.mark.parametrize("core", ["sliced", "indexing"])
 @pytest.mark.parametrize("options", [dict(n_states=3), dict(indexing=[2, 5]), dict(indexing=[2, 150])])
-def test_last_state_carries_ift_gradient(core, options):
+def test_last_state_carries_ift_gradient(core, options, tanh_system):
     """indexing=[2, 150] with f_max_iter=200: the solve converges (~40 steps) before step 150."""
     params = tanh_system()
     v = torch.randn(params[3].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -85,7 +75,7 @@ def test_last_state_carries_ift_gradient(core, options):
     assert first.abs().sum() > 0 and (first - ref).abs().max() > 1e-6
 
 
-def test_sliced_info_covers_the_whole_solve():
+def test_sliced_info_covers_the_whole_solve(tanh_system):
     params = tanh_system()
     f = Counted(params)
     deq = get_deq(n_states=3, f_max_iter=30, f_tol=1e-300, grad=2)
@@ -106,7 +96,7 @@ def test_sliced_info_covers_the_whole_solve():
     assert (info["abs_lowest"] < 1e-6).all() and (whole["abs_lowest"] < 1e-6).all()
 
 
-def test_train_and_eval_budgets():
+def test_train_and_eval_budgets(tanh_system):
     params = tanh_system()
     deq = get_deq(f_max_iter=7, eval_f_max_iter=13, f_tol=1e-300)
     f = Counted(params)
@@ -130,7 +120,7 @@ def test_train_and_eval_budgets():
 
 
 @pytest.mark.parametrize("backward", [dict(ift=True), dict(grad=60)])
-def test_eval_mode_output_is_differentiable_under_grad_mode(backward):
+def test_eval_mode_output_is_differentiable_under_grad_mode(backward, tanh_system):
     params = tanh_system()
     v = torch.randn(params[3].shape, dtype=torch.float64)
     ref = dense_ift(params, v)
@@ -147,7 +137,7 @@ def test_eval_mode_output_is_differentiable_under_grad_mode(backward):
                           atol=1e-12)
 
 
-def test_unrolled_training_output_requires_grad_and_info():
+def test_unrolled_training_output_requires_grad_and_info(tanh_system):
     params = tanh_system()
     f = Counted(params)
     z_out, info = get_deq(f_max_iter=0, grad=4, sup_gap=1)(f, torch.zeros_like(params[3]))
@@ -157,7 +147,7 @@ def test_unrolled_training_output_requires_grad_and_info():
     assert torch.allclose(info["abs_lowest"], (z_out[-1] - z_out[-2]).detach().norm(dim=1))
 
 
-def test_sradius_of_the_jacobian():
+def test_sradius_of_the_jacobian(tanh_system):
     params = tanh_system(dim=8)
     deq = get_deq(f_max_iter=100, f_tol=1e-12).eval()
     with torch.no_grad():
@@ -184,7 +174,7 @@ def test_options_are_checked_at_construction():
         get_deq(n_states=3, grad=[1, 2])
 
 
-def test_register_deq_adds_a_core():
+def test_register_deq_adds_a_core(tanh_system):
     class Doubled(DEQSliced):
         """Sliced, but every call runs twice the budget."""
 
@@ -200,7 +190,7 @@ def test_register_deq_adds_a_core():
 
 @pytest.mark.parametrize("core", ["sliced", "indexing"])
 @pytest.mark.parametrize("backward", [dict(ift=True), dict(hook_ift=True), dict(grad=[2, 80])])
-def test_tuple_states_in_every_graph(core, backward):
+def test_tuple_states_in_every_graph(core, backward, tanh_system):
     """(h, c) states: two sampled states each, the last with the converged gradient."""
     w, u, b, x = tanh_system(dim=8)
 

@@ -13,17 +13,6 @@ from core.deq import get_deq
 TIGHT = dict(f_max_iter=300, f_tol=1e-13, b_max_iter=300, b_tol=1e-13)
 
 
-def tanh_system(dim, batch=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-    w = 0.8 * w / torch.linalg.matrix_norm(w, 2)
-    u = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
-    b = torch.randn(dim, generator=gen, dtype=torch.float64)
-    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
-    params = [t.clone().requires_grad_() for t in (w, u, b, x)]
-    return params
-
-
 def tanh_f(w, u, b, x):
     return lambda z: torch.tanh(z @ w.T + x @ u.T + b)
 
@@ -59,7 +48,7 @@ def deq_grad(params, v, **kw):
 
 
 @pytest.mark.parametrize("hook", [False, True])
-def test_ift_matches_dense_inverse(hook):
+def test_ift_matches_dense_inverse(hook, tanh_system):
     params = tanh_system(64)
     v = torch.randn(params[3].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = dense_ift_grad(params, v)
@@ -69,7 +58,7 @@ def test_ift_matches_dense_inverse(hook):
         assert (g - r).abs().max() < 1e-6 * max(1.0, r.abs().max())
 
 
-def test_hook_ift_equals_function_ift_with_anderson():
+def test_hook_ift_equals_function_ift_with_anderson(tanh_system):
     params = tanh_system(16)
     v = torch.randn(params[3].shape, dtype=torch.float64)
     kw = dict(TIGHT, f_solver="anderson", b_solver="anderson", f_max_iter=60, b_max_iter=60)
@@ -79,7 +68,7 @@ def test_hook_ift_equals_function_ift_with_anderson():
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_ift_gradcheck():
+def test_ift_gradcheck(tanh_system):
     """Fixed iteration counts (tol far below reach), so the forward is one smooth map."""
     params = tanh_system(8, batch=2)
     deq = get_deq(ift=True, f_max_iter=120, f_tol=1e-300, b_max_iter=120, b_tol=1e-300)
@@ -92,7 +81,7 @@ def test_ift_gradcheck():
     assert torch.autograd.gradcheck(run, tuple(params), fast_mode=True, atol=1e-6, rtol=1e-4)
 
 
-def test_backward_writer_gets_stats_and_missed_tol_warns():
+def test_backward_writer_gets_stats_and_missed_tol_warns(tanh_system):
     params = tanh_system(16)
     stats = []
     deq = get_deq(ift=True, f_max_iter=100, f_tol=1e-10, b_max_iter=3, b_tol=1e-12)
@@ -126,7 +115,7 @@ def lstm_like(w, u, x):
 
 
 @pytest.mark.parametrize("mode", ["ift", "hook_ift"])
-def test_two_tensor_ift_matches_finite_differences(mode):
+def test_two_tensor_ift_matches_finite_differences(mode, tanh_system):
     w, u, _, x = tanh_system(12)
     z0 = [torch.zeros_like(x), torch.zeros_like(x)]
     probe = torch.randn(2, *x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -150,7 +139,7 @@ def test_two_tensor_ift_matches_finite_differences(mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(ift=True), dict(hook_ift=True), dict(f_max_iter=0, grad=100)])
-def test_gradients_on_cuda_equal_cpu(options):
+def test_gradients_on_cuda_equal_cpu(options, tanh_system):
     params = tanh_system(32)
     v = torch.randn(params[3].shape, dtype=torch.float64)
     kw = dict(TIGHT, **options)
