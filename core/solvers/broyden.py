@@ -14,16 +14,17 @@ The columns of P are p_i = f(x_{i+1}) - f(x_i), so the ring stores S and P (not 
 loop keeps K = -M = S^T P - N and computes the step as g - P K^{-1} (S^T g). K gains one
 row and column per step: the newest pair's column is s_i . p - s_i . s (every other pair
 is older) and its row s . p_j; the entries between the other pairs do not change. K is
-solved per sample with `linalg.solve_ex` (no error check, no host sync); non-finite
-coefficients (a singular K) are zeroed, so that sample takes the plain fixed-point step g.
+solved per sample by numpy's LU on its memory for batches up to 64 on CPU, else with
+`linalg.solve_ex` (no error check, no host sync); non-finite coefficients (a singular
+K) are zeroed, so that sample takes the plain fixed-point step g.
 
-Memory is a ring of m + 1 slots of (s, p) rows, interleaved, so that each step passes
-over it twice and copies nothing:
+Memory is a ring of m + 1 slots of (s, p) rows, interleaved, so that each step reads it
+twice (one product, then P for the step) and copies nothing into it:
 
 - the step is computed where the next s goes (s_i is the step x_{i+1} - x_i itself), and
   g is written into that row first (the step overwrites it);
 - the newest s, p and g are then three consecutive rows, and one product of them with
-  the whole ring gives every dot the step needs (S^T s, S^T p, S^T g and s . P);
+  the slots in use gives every dot the step needs (S^T s, S^T p, S^T g and s . P);
 - the slot after the newest pair is a spare that holds g: once the ring is full it is
   the oldest pair, dropped. Its row of K is set to the unit row and its entry of S^T g
   to 0, so its coefficient is exactly 0 and the rest is the system of the other m pairs:
