@@ -32,7 +32,7 @@ class StateLayout:
     # A single (B, D) tensor: its own packed matrix (no reshape either way). Derived.
     _is_matrix: bool = field(init=False, repr=False, compare=False)
 
-    # The shape of a single tensor's full batch (None for tuples/lists and 0-dim). Derived.
+    # The shape of a single tensor's full batch (None for tuples/lists). Derived.
     _full_shape: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -41,7 +41,7 @@ class StateLayout:
                            and not self.whole_state)
         # ints, not a torch.Size: `view(*ints)` costs 3 us, `view(size)` 8 us
         object.__setattr__(self, "_full_shape", tuple(self._shape_with_rows(self.shapes[0], self.rows))
-                           if single and self.shapes[0] else None)
+                           if single else None)
 
     @classmethod
     def of(cls, state, whole_state: bool = False) -> "StateLayout":
@@ -80,12 +80,10 @@ class StateLayout:
         `rows` is the expected number of rows (defaults to all samples); `what` names the
         producer of `state` in error messages.
         """
-        if rows is None or rows == self.rows:
-            rows, full = self.rows, self._full_shape
-        else:
-            full = None
-        if (full is not None and torch.is_tensor(state) and state.dtype == self.dtype
-                and state.shape == full):
+        rows = self.rows if rows is None else rows
+        if (self.container is None and torch.is_tensor(state) and state.dtype == self.dtype
+                and state.shape == (self._full_shape if rows == self.rows
+                                    else self._shape_with_rows(self.shapes[0], rows))):
             # The common case, checked without building lists; a (rows, D) state as is.
             return state if self._is_matrix else state.reshape(rows, -1)
         tensors, container = _as_tensors(state, what)
@@ -110,7 +108,7 @@ class StateLayout:
         if self._is_matrix:
             return matrix
         rows = matrix.shape[0]
-        if self._full_shape is not None and rows == self.rows:
+        if self._full_shape and rows == self.rows:  # (not for a 0-dim state: view() needs a size)
             return matrix.view(*self._full_shape)
         if len(self.shapes) == 1:
             out = [matrix.reshape(self._shape_with_rows(self.shapes[0], rows))]
