@@ -114,3 +114,14 @@ def test_func_returning_its_input_never_hands_out_an_iterate_buffer():
         func, other_x0 = _tanh_problem(seed=3, batch=4, dim=64)
         anderson(func, other_x0, max_iter=20, tol=1e-10)
     assert torch.equal(z, kept) and torch.equal(states[0], kept)
+
+
+@pytest.mark.parametrize("solver", [anderson, broyden])
+def test_state_kept_from_an_inference_mode_solve_serves_a_no_grad_solve(solver):
+    func, x0 = _tanh_problem(seed=4)
+    with torch.inference_mode():
+        first, _, _ = solver(func, x0, max_iter=30, tol=1e-10)
+    assert workspace.cached_bytes() > 0
+    with torch.no_grad():  # writes through the views cut in inference mode
+        second, _, _ = solver(func, x0, max_iter=30, tol=1e-10)
+    assert torch.equal(first, second)
