@@ -185,12 +185,11 @@ class _Mixer:
     def __init__(self, batch, m, lam, dtype, device, unrolled=False):
         self.unrolled = unrolled
         self.floor = torch.finfo(dtype).tiny ** 0.5
+        const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
         if unrolled:  # no border: G alone keeps the compiled graph's writes small
-            const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
             self.bordered = None
             self.gram = torch.zeros(batch, m, m, dtype=dtype, device=device)
         else:
-            const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
             self.bordered = const.border
             self.gram = self.bordered[:, 1:, 1:]
         self.eye, self.scale, self.shift = const.eye, const.scale, const.shift

@@ -74,7 +74,11 @@ def finite_on_host(t: torch.Tensor) -> bool:
     """
     if t.device.type != "cpu" or t.requires_grad or torch.compiler.is_compiling():
         return False
-    return np.count_nonzero(np.isfinite(t.numpy())) == t.numel()
+    return _all_finite(t.numpy())
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    return np.count_nonzero(np.isfinite(a)) == a.size
 
 
 # numpy's batched LU solve beats `solve_ex` up to about this batch (measured, n = 6: B=16
@@ -95,7 +99,7 @@ def host_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
         x = np.linalg.solve(a, b)
     except np.linalg.LinAlgError:
         return None
-    return x if np.count_nonzero(np.isfinite(x)) == x.size else None
+    return x if _all_finite(x) else None
 
 
 def residuals(fz: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype):
