@@ -1,0 +1,93 @@
+"""Load checkpoints of the TorchDEQ zoo's IGNN (``ignn-ppi-{1,2,3}.pth``) into `zoo.ignn.model.IGNN`.
+
+The TorchDEQ zoo (deq-zoo/ignn/nodeclassification, models_PPI.py) saves a plain
+``model.state_dict()``: ``ignn.{0..4}.*`` (the implicit layers) and ``proj.{0..4}.{weight,
+bias}`` (the linear skips). Its recipe registers spectral norm on W, Omega_1 and Omega_2,
+so each layer holds ``W_orig`` (m, m), ``W_g`` (m, 1), ``W_u`` (m,), ``W_v`` (m,) and the
+same four for ``Omega_1`` / ``Omega_2`` ((m, p), (m, 1), (m,), (p,)), plus a ``bias``
+(m, 1) its forward never uses. Our module names are the same (``ignn``, ``proj``), so
+`torchdeq_to_ours` only strips DataParallel's ``module.`` prefix and drops the dead bias.
+`load_torchdeq_checkpoint(model, path)` also folds the spectral norm into plain weights
+when the model was built with ``deq.norm_type=none`` (W = W_orig * min(clip, g / sigma),
+sigma = u^T W_orig v from the saved power-iteration vectors, clip the recipe's 1.0), and
+loads strictly: a wrong
+size is an error that lists the missing, unexpected and mis-shaped tensors.
+
+Usage::
+
+    python -m zoo.ignn.evaluate +experiment=ppi data.root=/data/PPI ckpt=ignn-ppi-1.pth ckpt_format=torchdeq
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+DEAD = re.compile(r"^ignn\.\d+\.bias$")  # the reference layer's unused bias
+NORMED = ("W", "Omega_1", "Omega_2")
+
+
+def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
+    """The weights inside a checkpoint: a bare state dict, or one under ``state_dict`` / ``model``."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            return obj[key]
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError("not a TorchDEQ IGNN checkpoint: expected a state dict or a dict with "
+                     "'state_dict' holding one")
+
+
+def torchdeq_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """The same tensors under our names: ``module.`` prefixes removed, ``ignn.i.bias`` dropped."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if not DEAD.match(key):
+            out[key] = value
+    return out
+
+
+def fold_spectral_norm(state: Mapping[str, torch.Tensor], clip: float | None
+                       ) -> "OrderedDict[str, torch.Tensor]":
+    """``X_orig, X_g, X_u, X_v`` -> the effective ``X = X_orig * min(clip, g / sigma)``."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state.items():
+        prefix, _, name = key.rpartition(".")
+        base = next((n for n in NORMED if name in (f"{n}_orig", f"{n}_g", f"{n}_u", f"{n}_v")), None)
+        if base is None:
+            out[key] = value
+        elif name == f"{base}_orig":
+            p = f"{prefix}.{base}"
+            sigma = torch.dot(state[f"{p}_u"], state[f"{p}_orig"] @ state[f"{p}_v"])
+            factor = state[f"{p}_g"] / sigma
+            out[p] = value * (factor.clamp(max=clip) if clip is not None else factor)
+    return out
+
+
+def load_torchdeq_checkpoint(model: nn.Module, path_or_state: Any, clip: float | None = 1.0) -> None:
+    """Loads a TorchDEQ zoo IGNN checkpoint (path or object) into `model`, strictly.
+
+    `clip` is the norm_clip_value the checkpoint was trained with (None: no clipping), used
+    only to fold its spectral norm into plain weights: the recipe's ``--norm_clip`` is 1.0.
+    """
+    obj = path_or_state
+    if not isinstance(obj, Mapping):
+        obj = torch.load(str(obj), map_location="cpu", weights_only=True)
+    state = torchdeq_to_ours(unwrap_checkpoint(obj))
+    target = model.state_dict()
+    if any(k.endswith(".W_orig") for k in state) and not any(k.endswith(".W_orig") for k in target):
+        state = fold_spectral_norm(state, clip)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+                    for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError("the checkpoint does not fit this IGNN (check model.size / model.widths and "
+                         f"deq.norm_type):\n  missing: {missing[:10]}\n  unexpected: {unexpected[:10]}\n"
+                         f"  mis-shaped: {shapes[:10]}")
+    model.load_state_dict(state, strict=True)
