@@ -1,0 +1,110 @@
+"""Load published DEQ-Flow checkpoints (TorchDEQ zoo, DEQ-Flow v1.0 / v2.0) into `DEQFlow`.
+
+Every upstream version saves ``nn.DataParallel(DEQFlow).state_dict()``: a bare state dict
+whose keys start with ``module.``. Our module names are upstream's (``fnet``, ``cnet``,
+``update_block.{encoder,gru,flow_head}``, ``mask``), so the conversion is small:
+
+- drop the ``module.`` prefixes, and the encoders' ``layerK.0.norm3.*`` (RAFT registers the
+  shortcut's norm twice, as ``norm3`` and ``downsample.1``: the same tensors);
+- v1.0 keeps the upsampling mask inside the update block: ``update_block.mask.{0,2}`` ->
+  ``mask.{0,2}``;
+- weight norm: upstream stores ``weight_g`` / ``weight_v`` on the update block (as ours);
+  for a model built with ``deq.norm_type=none`` they are folded into ``weight = g v / |v|``,
+  and a plain ``weight`` is split into ``v = weight, g = |weight|`` for a weight-normed model;
+- GMA checkpoints (``attn.*``, ``update_block.gma.*``) and spectral-norm ones
+  (``*_orig``) have no counterpart here: an error says so.
+
+The load is strict: a wrong ``model.size`` lists the missing, unexpected and mis-shaped keys
+(B: hdim 128, H: hdim 256; v1.0's H has a 256-wide flow head: ``model.size=H
+model.head_dim=256``).
+
+Usage::
+
+    python -m zoo.deq_flow.evaluate +experiment=sintel_eval ckpt=deq-flow-B-things-2.pth ckpt_format=torchdeq \\
+        data.root=/data
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["unwrap_checkpoint", "upstream_to_ours", "match_weight_norm", "load_torchdeq_checkpoint"]
+
+KEY_RULES: tuple[tuple[str, str], ...] = ((r"^update_block\.mask\.", "mask."),)
+DUPLICATES = re.compile(r"^[fc]net\.layer\d\.0\.norm3\.")
+UNSUPPORTED = (re.compile(r"^(attn\.|update_block\.gma\.)"), re.compile(r"_orig$"))
+
+
+def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
+    """The weights in a checkpoint: a bare state dict, or one under ``state_dict`` / ``model``."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            return obj[key]
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError("not a DEQ-Flow checkpoint: expected a state dict (or one under 'state_dict')")
+
+
+def upstream_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """The tensors under our names; ValueError for GMA / spectral-norm checkpoints."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if DUPLICATES.match(key):
+            continue
+        for rule in UNSUPPORTED:
+            if rule.search(key):
+                raise ValueError(f"checkpoint key {key!r}: GMA and spectral-norm DEQ-Flow checkpoints are "
+                                 "not supported (weight norm or none, no --gma)")
+        for pattern, repl in KEY_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _row_norm(w: torch.Tensor) -> torch.Tensor:
+    return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+
+
+def match_weight_norm(state: Mapping[str, torch.Tensor],
+                      target: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Weight-norm keys as `target` has them (fold g, v into a weight, or split a weight)."""
+    out = OrderedDict(state)
+    for key in list(out):
+        if key.endswith(".weight_v") and key not in target and key[:-2] in target:
+            v, g = out.pop(key), out.pop(key[:-2] + "_g")
+            out[key[:-2]] = g.reshape(-1, *([1] * (v.dim() - 1))) * v / _row_norm(v)
+        elif key.endswith(".weight") and key not in target and key + "_v" in target:
+            w = out.pop(key)
+            out[key + "_v"], out[key + "_g"] = w, _row_norm(w)
+    for key in out:  # g stored as (C, 1, 1, 1) or (C,)
+        if key.endswith("_g") and key in target and out[key].numel() == target[key].numel():
+            out[key] = out[key].reshape(target[key].shape)
+    for key, value in target.items():  # old checkpoints lack BatchNorm's counter
+        if key.endswith("num_batches_tracked") and key not in out:
+            out[key] = value.clone()
+    return out
+
+
+def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
+    """Loads an upstream DEQ-Flow checkpoint (a path or the loaded object) into `model`, strictly."""
+    if not isinstance(source, Mapping):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    state = match_weight_norm(upstream_to_ours(unwrap_checkpoint(source)), target)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong = sorted((k, tuple(state[k].shape), tuple(target[k].shape))
+                   for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"\n  {label}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+                 if keys]
+        raise ValueError("the checkpoint does not fit this DEQFlow (is model.size right? B or H)" + "".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
