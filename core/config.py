@@ -103,7 +103,10 @@ class DEQConfig:
         for key, value in kwargs.items():
             if key not in names:
                 raise TypeError(_unknown_message(key, names, "option"))
-            setattr(self, key, _plain(value))
+            value = _plain(value)
+            if key in BOOL_OPTIONS:
+                value = parse_bool(f"deq.{key}", value, optional=(key == "no_stat"))
+            setattr(self, key, value)
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -252,6 +255,30 @@ def _unknown_message(key: str, names: List[str], what: str) -> str:
     close = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.6)), None)
     hint = f"; did you mean {close!r}?" if close else f"; known options: {', '.join(names)}"
     return f"unknown DEQ {what} {key!r}{hint}"
+
+
+BOOL_OPTIONS = ("no_stat", "ift", "hook_ift", "norm_no_scale", "norm_clip", "sradius_mode")
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def parse_bool(name: str, value: Any, optional: bool = False) -> Optional[bool]:
+    """A boolean option from its usual spellings (true/false, yes/no, on/off, 1/0).
+
+    ``bool("false")`` is True: a string from a command line or a YAML file must be read
+    by its words. Any other value is a ValueError naming the option.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    spellings = "/".join(f"{t}|{f}" for t, f in zip(TRUE_WORDS, FALSE_WORDS))
+    raise ValueError(f"{name}={value!r} is not a boolean; use one of {spellings}"
+                     + (" or null" if optional else ""))
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -4,6 +4,7 @@ import argparse
 import pytest
 from omegaconf import OmegaConf
 
+from core import get_deq
 from core.config import DEQConfig, add_deq_args
 
 
@@ -59,3 +60,18 @@ def test_get_and_update_like_torchdeq_wrapper():
     assert c.get("f_solver") == "fixed_point_iter" and c.get("missing", 7) == 7
     c.update(f_solver="anderson", f_max_iter=30)
     assert (c.f_solver, c.f_max_iter) == ("anderson", 30)
+
+
+@pytest.mark.parametrize("spelling, expected", [
+    ("true", True), ("false", False), ("yes", True), ("no", False), ("on", True), ("off", False),
+    ("1", True), ("0", False), ("False", False), (1, True), (0, False), (True, True), (False, False)])
+def test_boolean_options_read_their_words(spelling, expected):
+    assert DEQConfig.from_any({"ift": spelling}).ift is expected
+    assert DEQConfig.from_any(norm_clip=spelling).norm_clip is expected
+    assert get_deq(ift=spelling).args.ift is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", 2, 0.5, "tru"])
+def test_a_boolean_option_refuses_other_values_naming_the_option(value):
+    with pytest.raises(ValueError, match=r"deq\.ift="):
+        DEQConfig.from_any(ift=value)

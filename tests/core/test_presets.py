@@ -11,7 +11,8 @@ from hydra.errors import ConfigCompositionException
 from core.config import DEQConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRESETS = ["default", "fp_pg", "anderson_ift", "broyden_ift", "unrolled", "fp_correction"]
+# Every preset file, the shared ones and each project's recipes (<project>_<recipe>.yaml).
+PRESETS = sorted(p.stem for p in (CONFIGS / "deq").glob("*.yaml"))
 
 
 def _compose(*overrides):
@@ -19,8 +20,13 @@ def _compose(*overrides):
         return compose(overrides=list(overrides))
 
 
-def test_every_preset_file_is_tested():
-    assert sorted(p.stem for p in (CONFIGS / "deq").glob("*.yaml")) == sorted(PRESETS)
+def test_every_preset_starts_from_the_default_preset():
+    """So that every option exists at deq: and `deq=<preset>` replaces a whole recipe."""
+    assert {"default", "fp_pg", "anderson_ift", "broyden_ift", "unrolled", "fp_correction"} <= set(PRESETS)
+    for name in PRESETS:
+        if name != "default":
+            text = (CONFIGS / "deq" / f"{name}.yaml").read_text()
+            assert "- default" in text, f"configs/deq/{name}.yaml must start from `defaults: [default, _self_]`"
 
 
 def test_default_preset_is_every_option_with_torchdeq_defaults():
