@@ -30,6 +30,7 @@ DEAD = re.compile(r"^ignn\.\d+\.bias$")  # the reference layer's unused bias
 NORMED = ("W", "Omega_1", "Omega_2")
 
 
+# candidate for zoo/common: the same as zoo/mdeq/convert.py's
 def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
     """The weights inside a checkpoint: a bare state dict, or one under ``state_dict`` / ``model``."""
     for key in ("state_dict", "model"):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoo.common import Run, build_optimizer, build_scheduler, zoo_main
 from zoo.ignn.data import GraphSplits, build_datasets
-from zoo.ignn.model import GCN, IGNN, count_parameters
+from zoo.ignn.model import GCN, IGNN, count_parameters, stack_infos
 
 PPI_DIMS = (50, 121)  # PPI: node features, labels
 
@@ -87,14 +87,14 @@ def accuracy_by_distance(pred: torch.Tensor, graph: Any, mask: torch.Tensor, far
 
 
 def stack_batch_infos(infos: Sequence[Optional[dict]]) -> Optional[dict]:
-    """The DEQ infos of several evaluation batches as one (per-layer values concatenated)."""
+    """The DEQ infos of several evaluation batches as one: per-layer values concatenated,
+    NFE per batch averaged."""
     infos = [i for i in infos if i]
     if not infos:
         return None
-    out = {k: torch.cat([i[k].reshape(-1).float() for i in infos])
-           for k in ("abs_lowest", "rel_lowest", "nstep") if all(k in i for i in infos)}
-    if all("nfe" in i for i in infos):
-        out["nfe"] = sum(float(i["nfe"]) for i in infos) / len(infos)
+    out = dict(stack_infos(infos))
+    if "nfe" in out:
+        out["nfe"] = float(out["nfe"]) / len(infos)
     return out
 
 
