@@ -83,6 +83,7 @@ def test_tokenize_is_wikitext_style():
 
 
 def test_wiki_mini_from_a_mediawiki_dump(tmp_path, dump_writer):
+    pytest.importorskip("gensim", reason="the `text` extra (gensim) reads MediaWiki dumps")
     text = "'''{}''' is a city. The city has a river.\n\n==History==\nThe river is old.\n"
     pages = [(f"Town{i}", 0, text.format(f"Town{i}")) for i in range(20)]
     pages += [("Redirect", 0, "#REDIRECT [[Town1]]"), ("Talk:Town1", 1, "a talk page")]
