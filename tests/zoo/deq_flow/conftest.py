@@ -88,7 +88,7 @@ def make_chairs(root, layout, n=3, seed=0):
     return flows
 
 
-def make_sintel(root, scenes=("alley_1", "market_2"), frames=3, seed=0):
+def make_sintel(root, scenes=("alley_1", "market_2"), frames=3, seed=0, h=H, w=W):
     rng = np.random.default_rng(seed)
     flows = {}
     for scene in scenes:
@@ -96,11 +96,11 @@ def make_sintel(root, scenes=("alley_1", "market_2"), frames=3, seed=0):
             d = root / "Sintel/training" / p / scene
             d.mkdir(parents=True)
             for k in range(1, frames + 1):
-                write_image(d / f"frame_{k:04d}.png", rng, H, W)
+                write_image(d / f"frame_{k:04d}.png", rng, h, w)
         d = root / "Sintel/training/flow" / scene
         d.mkdir(parents=True)
         for k in range(1, frames):
-            flows[(scene, k)] = random_flow(rng, H, W)
+            flows[(scene, k)] = random_flow(rng, h, w)
             write_flo(d / f"frame_{k:04d}.flo", flows[(scene, k)])
     return flows
 
