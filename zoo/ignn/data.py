@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from zoo.common.data import MissingDataError, require_files
+from zoo.common import require_files
 from zoo.ignn.model import spectral_radius
 
 PPI_SPLITS = {"train": "train", "val": "valid", "test": "test"}  # PyG split -> raw file prefix
@@ -194,5 +194,5 @@ def build_datasets(cfg: Any) -> GraphSplits:
     raise ValueError(f"data.name={name!r}: choose ppi or chains")
 
 
-__all__ = ["GraphSplits", "MissingDataError", "build_datasets", "load_chains", "load_ppi", "make_chains",
+__all__ = ["GraphSplits", "build_datasets", "load_chains", "load_ppi", "make_chains",
            "normalised_adjacency", "with_adjacency", "write_ppi_raw"]

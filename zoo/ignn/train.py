@@ -184,7 +184,7 @@ def plot_accuracy_by_distance(curves: Mapping[str, Sequence[Mapping[str, float]]
         color = f"C{i}"
         ax.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], "o-", label=label, color=color)
         if marks and label in marks:
-            ax.axvline(marks[label] + 0.5, ls=":", color=color)
+            ax.axvline(marks[label] + 0.5, ls=":", color=color, label=f"{label}: receptive field")
     ax.axhline(50.0, ls="--", color="gray", lw=1, label="chance")
     ax.set_xlabel("distance from the chain's head (hops)")
     ax.set_ylabel("test accuracy (%)")

@@ -3,7 +3,6 @@ the forward uses (also after an optimiser step), whole-graph convergence, the im
 gradient against the dense (I - J)^-1 solution, and the PPI model's parameter count."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch, Data
