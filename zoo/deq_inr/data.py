@@ -29,7 +29,6 @@ peak-normalised waveform mapped from [-1, 1] to [0, 1].
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -28,6 +28,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _unit(values: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
     """[-1, 1] values -> [0, 1] numpy array of the grid shape."""
     return ((values.detach().float().cpu().reshape(shape) + 1) / 2).clamp(0, 1).numpy()
@@ -51,11 +58,7 @@ def psnr_curve(out_dir: Path, name: str, baselines: Mapping[str, Mapping[str, An
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{out_dir.parent.name}: PSNR during training")
-    fig.tight_layout()
-    path = out_dir / "psnr_curve.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "psnr_curve.png")
 
 
 def reconstruction(out_dir: Path, signal: Signal, panels: list[tuple[str, Optional[torch.Tensor], float]]
@@ -82,11 +85,7 @@ def reconstruction(out_dir: Path, signal: Signal, panels: list[tuple[str, Option
         fig.colorbar(im, ax=axes[-1], fraction=0.046)
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
-    path = out_dir / "reconstruction.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "reconstruction.png")
 
 
 def waveform(out_dir: Path, signal: Signal, panels: list[tuple[str, Optional[torch.Tensor], float]]) -> Path:
@@ -108,11 +107,7 @@ def waveform(out_dir: Path, signal: Signal, panels: list[tuple[str, Optional[tor
     for ax in axes:
         ax.set_xlabel("time (s)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "waveform.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "waveform.png")
 
 
 def frames(out_dir: Path, signal: Signal, panels: list[tuple[str, Optional[torch.Tensor], float]],
@@ -130,11 +125,7 @@ def frames(out_dir: Path, signal: Signal, panels: list[tuple[str, Optional[torch
             axes[r, c].axis("off")
             if c == 0:
                 axes[r, c].set_title(title, fontsize=8, loc="left")
-    fig.tight_layout()
-    path = out_dir / "frames.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "frames.png")
 
 
 def save_pictures(out_dir: Path | str, signal: Signal, name: str, pred: Optional[torch.Tensor],

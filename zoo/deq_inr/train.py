@@ -20,11 +20,9 @@ into the same results.json (``<baseline>/test/psnr``). Pictures in the run dir:
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -169,14 +167,12 @@ def predict(model: nn.Module, coords: torch.Tensor, chunk: int, solver_kwargs: O
     return torch.cat(preds), info
 
 
-def signal_psnr(pred: torch.Tensor, signal: Signal, split: str = "test") -> float:
-    """The PSNR of a prediction of the `split` set: per frame then the mean for video, else
+def signal_psnr(pred: torch.Tensor, signal: Signal) -> float:
+    """The PSNR of a prediction of the test set: per frame then the mean for video, else
     over the whole signal."""
-    target = signal.test_values if split == "test" else signal.train_values
-    shape = signal.test_shape if split == "test" else signal.train_shape
-    target = target.to(pred.device)
+    target = signal.test_values.to(pred.device)
     if signal.kind == "video":
-        frames = shape[0]
+        frames = signal.test_shape[0]
         return float(psnr(pred.reshape(frames, -1), target.reshape(frames, -1), dims=(1,)).mean())
     return float(psnr(pred, target))
 
@@ -241,7 +237,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                       eval_every=cfg.train.eval_every, extra_state={"warm_start": warm} if warm else None)
         if out.status != "completed":
             return out.metrics
-        metrics = {**out.metrics, "train/psnr": float(train_step.clock["last"]["train/psnr"])}
+        metrics = dict(out.metrics)
+        if "train/psnr" in train_step.clock["last"]:  # absent when resumed at the last step
+            metrics["train/psnr"] = float(train_step.clock["last"]["train/psnr"])
         baselines = {}
         for arch in cfg.train.get("baselines") or []:
             baselines[arch] = train_baseline(str(arch), cfg, signal, run, steps)
@@ -250,8 +248,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if run.is_main:
             from zoo.deq_inr.plots import save_pictures
 
-            save_pictures(run.out_dir, signal, cfg.model.get("one_pass") and "one_pass" or "deq",
-                          last_pred.get("pred"), metrics, baselines)
+            name = "one_pass" if getattr(inner, "one_pass", False) else "DEQ"
+            save_pictures(run.out_dir, signal, name, last_pred.get("pred"), metrics, baselines)
         extra = {"params": count_parameters(inner), "input_scale": input_scale(cfg.model, signal),
                  "signal": {"kind": signal.kind, "name": signal.name, "train_shape": list(signal.train_shape),
                             "test_shape": list(signal.test_shape)},
