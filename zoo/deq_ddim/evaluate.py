@@ -29,7 +29,7 @@ TEST_TIME_KEYS = ("sampling.*", "seed")
 
 def evaluate_sampler(model: torch.nn.Module, run) -> dict:
     """DEQ vs sequential sampling with the options of ``run.cfg`` (see the module doc)."""
-    from zoo.common import format_sweep, residual_summary, save_sweep
+    from zoo.common.sweep import format_sweep, residual_summary, save_sweep
 
     cfg = run.cfg
     set_threads(cfg, run)
