@@ -134,3 +134,31 @@ def test_evaluate_compares_the_deq_with_sequential_sampling(digits_denoiser, tmp
     rows = results["extra"]["nfe_sweep"]
     assert rows[0]["max_abs_diff"] > 1e-3 > 1e-10 > rows[1]["max_abs_diff"]
     assert (Path(results["run_dir"]) / "nfe_sweep.png").is_file()
+
+
+@pytest.mark.slow
+def test_cifar10_inversion_runs_end_to_end_on_fixtures(tmp_path, monkeypatch):
+    """Table 6's experiment at paper size (the 35.7M UNet, loaded through the converter
+    from a DataParallel state dict) on a CIFAR-10 pickle fixture, cut to T=3, one Adam
+    step and 2 Anderson iterations: results.json names both Table 6 rows."""
+    import zoo.common
+
+    if not hasattr(zoo.common, "read_cifar10"):
+        pytest.skip("zoo.common.read_cifar10 has not landed yet")
+    from zoo.common.cifar import write_cifar10
+    from zoo.deq_ddim.model import build_unet
+
+    write_cifar10(tmp_path / "cifar", n_train=2, n_test=1)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model-790000.ckpt"
+    torch.save({f"module.{k}": v for k, v in build_unet("cifar10").state_dict().items()}, ckpt)
+    monkeypatch.setenv("ZOO_OUTPUTS", str(tmp_path / "outputs"))
+    cfg = compose("deq_ddim", ["+experiment=cifar10_inversion", f"data.root={tmp_path / 'cifar'}",
+                               f"denoiser.ckpt={ckpt}", "sampling.timesteps=3", "inversion.timesteps=[3]",
+                               "inversion.max_steps=1", "deq.f_max_iter=2", *QUIET], return_hydra_config=True)
+    metrics = train(cfg)
+    results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert [r["row"] for r in results["reported"]] == ["ddim", "deq_ddim_torchdeq"]
+    for method in ("deq", "sequential"):
+        assert metrics[f"T3/{method}/steps"] == 1 and metrics[f"T3/{method}/final_loss"] > 0
+    assert results["extra"]["params"] == 35_746_307
