@@ -94,15 +94,8 @@ class Inversion:
         x0, iters = self.forward(self.x_T)
         losses = sse(x0, self.target)
         values = losses.detach().tolist()
+        now = self.elapsed + (time.perf_counter() - start)  # when this loss was known
         self.evaluations += 1
-        stop = self.evaluations >= self.max_steps + 1
-        if not stop:
-            self.opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            if self.grad_clip:
-                norms = self.x_T.grad.flatten(1).norm(dim=1).clamp_min(1e-30)
-                self.x_T.grad.mul_((self.grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (self.x_T.dim() - 1)))
-        now = self.elapsed + (time.perf_counter() - start)  # the loss is known here
         for i, (trace, value) in enumerate(zip(self.traces, values)):
             trace.losses.append(value)
             trace.times.append(now)
@@ -112,15 +105,20 @@ class Inversion:
                 trace.best_loss, trace.best_x0 = value, x0[i].detach().clone()
             if value < self.threshold and trace.time_to_threshold is None:
                 trace.time_to_threshold = now
-        stop = stop or all(t.time_to_threshold is not None for t in self.traces) or now >= self.budget
-        if not stop:
+        self.done = (self.evaluations > self.max_steps or now >= self.budget
+                     or all(t.time_to_threshold is not None for t in self.traces))
+        if not self.done:
             t1 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            if self.grad_clip:
+                norms = self.x_T.grad.flatten(1).norm(dim=1).clamp_min(1e-30)
+                self.x_T.grad.mul_((self.grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (self.x_T.dim() - 1)))
             self.opt.step()
             now += time.perf_counter() - t1
             for trace in self.traces:
                 trace.steps += 1
         self.elapsed = now
-        self.done = stop
 
 
 def run_side_by_side(inversions: list[Inversion]) -> None:
