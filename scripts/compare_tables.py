@@ -10,9 +10,17 @@ names the row it reproduces in its ``reported:`` block (``table``, ``row``, and
 ``metrics``: column metric -> key of the run's metrics); runs of one row (seeds) are
 summarised with the statistic the table uses: median and best where the paper reports
 those, else mean ± std. Each numeric column is printed as paper value, ours, and the
-difference (ours - paper). Rows from other codebases are reported-only; reproducible rows
-without a run say "no run yet". Runs that name no paper row are listed at the end.
+difference (ours - paper); each of our cells says how many runs it holds (n=..).
+Rows from other codebases are reported-only; reproducible rows without a run say "no run
+yet". Runs that name no paper row are listed at the end.
 Only runs with ``status: completed`` count unless ``--include-evaluated`` is given.
+
+A run counts for its paper row only when it ran its experiment's recipe: its
+command-line overrides (``overrides`` in results.json) change nothing but the seed and
+options that cannot change a result (zoo/common/config_keys.py). A per-rank
+``train.batch_size`` under torchrun whose global batch (x ranks) is the experiment's is
+the recipe too. Other runs (a 3-step smoke run, another preset) are grouped by what they
+changed and listed apart, unless ``--include-modified`` counts them for their row.
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo.common.config_keys import NON_RESULT_KEYS, matches, override_key  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TABLES = REPO_ROOT / "configs" / "paper_tables.yaml"
@@ -71,6 +82,44 @@ def load_results(paths: Iterable[Path | str], statuses: tuple[str, ...] = ("comp
             run["_path"] = str(path)
             runs.append(run)
     return runs
+
+
+def _experiment_batch(project: str, experiment: str) -> Any:
+    """``train.batch_size`` of an experiment as composed from configs/ (None when it cannot be)."""
+    try:
+        from zoo.common.hydra_main import compose
+
+        return compose(project, [f"+experiment={experiment}"]).train.batch_size
+    except Exception:
+        return None
+
+
+def modifications(run: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The overrides by which a run left its experiment's recipe, as sorted (key, value) pairs.
+
+    The seed, `NON_RESULT_KEYS` and ``+experiment`` do not count; neither does a per-rank
+    ``train.batch_size`` that times ``world_size`` is the experiment's batch.
+    """
+    changed = {}
+    for item in run.get("overrides") or []:
+        key = override_key(str(item))
+        value = str(item).split("=", 1)[1] if "=" in str(item) else ""
+        if key in ("experiment", "seed") or key.startswith("hydra") or matches(key, NON_RESULT_KEYS):
+            continue
+        changed[key] = value
+    if "train.batch_size" in changed and int(run.get("world_size") or 1) > 1:
+        try:
+            global_batch = int(changed["train.batch_size"]) * int(run["world_size"])
+        except ValueError:
+            global_batch = None
+        if global_batch is not None and global_batch == _experiment_batch(str(run.get("project")),
+                                                                         str(run.get("experiment"))):
+            del changed["train.batch_size"]
+    return tuple(sorted(changed.items()))
+
+
+def describe_modifications(mods: tuple[tuple[str, str], ...]) -> str:
+    return " ".join(f"{k}={v}" for k, v in mods) or "(the recipe)"
 
 
 def _reported_entries(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -149,14 +198,18 @@ def _statistic(values: list[float], stat: str, better: str) -> tuple[float, str]
     return value, _fmt(value)
 
 
-def summarise(tables: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
+def summarise(tables: dict[str, dict[str, Any]], runs: list[dict[str, Any]], include_modified: bool = False
               ) -> tuple[dict[str, list[RowSummary]], list[dict[str, Any]]]:
-    """Per table, one `RowSummary` per paper row; plus the runs that match no row."""
+    """Per table, one `RowSummary` per paper row; plus the runs that count for no row
+    (they name none, or they changed the recipe and `include_modified` is off)."""
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     counts: dict[tuple[str, str], int] = defaultdict(int)
     unmatched = []
     for run in runs:
         matched = False
+        if modifications(run) and not include_modified:
+            unmatched.append(run)
+            continue
         for entry in _reported_entries(run):
             table = tables.get(entry["table"])
             if table is None or entry["row"] not in {r["id"] for r in table["rows"]}:
@@ -192,6 +245,7 @@ def summarise(tables: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
                 ours = values.get((table_id, row["id"], col.get("metric", col["key"])))
                 if ours:
                     value, cell.ours = _statistic(ours, col.get("stat", "mean"), col.get("better", "higher"))
+                    cell.ours += f" (n={len(ours)})"
                     paper = _number(reported)
                     cell.diff = f"{value - paper:+.3g}" if paper is not None else ""
                 summary.cells[col["key"]] = cell
@@ -235,20 +289,22 @@ def to_markdown(table: dict[str, Any], rows: list[RowSummary]) -> str:
 
 
 def unmatched_markdown(runs: list[dict[str, Any]]) -> str:
-    """Runs that reproduce no paper row (offline experiments), one line per experiment."""
-    by_exp: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    """Runs that count for no paper row (offline experiments, changed recipes), one line per
+    experiment and set of changed options: runs of different recipes are never averaged."""
+    by_exp: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        by_exp[(str(run.get("project")), str(run.get("experiment")))].append(run)
-    lines = ["### Runs that reproduce no paper row", "", "| Project | Experiment | Runs | Metrics (mean over runs) |",
-             "|---|---|---|---|"]
-    for (project, experiment), group in sorted(by_exp.items()):
+        key = (str(run.get("project")), str(run.get("experiment")), describe_modifications(modifications(run)))
+        by_exp[key].append(run)
+    lines = ["### Runs that reproduce no paper row (offline experiments, changed recipes)", "",
+             "| Project | Experiment | Changed | Runs | Metrics (mean over runs) |", "|---|---|---|---|---|"]
+    for (project, experiment, changed), group in sorted(by_exp.items()):
         keys = sorted({k for r in group for k in r.get("metrics", {}) if not k.startswith("deq/")})
         means = []
         for key in keys:
             vals = [v for r in group if (v := _number(r["metrics"].get(key))) is not None]
             if vals:
                 means.append(f"{key}={_fmt(statistics.fmean(vals))}")
-        lines.append(f"| {project} | {experiment} | {len(group)} | {', '.join(means)} |")
+        lines.append(f"| {project} | {experiment} | {changed} | {len(group)} | {', '.join(means)} |")
     return "\n".join(lines)
 
 
@@ -294,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", help="also draw the tables into this PNG file")
     parser.add_argument("--include-evaluated", action="store_true",
                         help="also count results of evaluate.py runs (status: evaluated)")
+    parser.add_argument("--include-modified", action="store_true",
+                        help="count runs that changed their experiment's recipe for its paper row")
     args = parser.parse_args(argv)
 
     tables = load_tables(args.tables)
@@ -304,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.paths or [os.environ.get("ZOO_OUTPUTS", "outputs")]
     statuses = ("completed", "evaluated") if args.include_evaluated else ("completed",)
     runs = load_results(paths, statuses)
-    summaries, unmatched = summarise(tables, runs)
+    summaries, unmatched = summarise(tables, runs, include_modified=args.include_modified)
     summaries = {t: summaries[t] for t in selected}
     print(f"{len(runs)} run(s) from {', '.join(map(str, paths))}\n")
     for table_id, rows in summaries.items():
@@ -317,4 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `compare_tables.py | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -13,7 +13,8 @@ from zoo.common.hydra_main import compose, zoo_main
 from zoo.common.logger import deq_metrics, peak_memory_mb, read_metrics
 from zoo.common.optim import build_optimizer, build_scheduler, clip_gradients
 from zoo.common.results import read_results
-from zoo.common.run import FitOutput, Run, evaluate_checkpoint, seed_everything
+from zoo.common.evaluation import evaluate_checkpoint
+from zoo.common.run import FitOutput, Run, seed_everything
 
 __all__ = [
     "CheckpointManager", "FitOutput", "MissingDataError", "ResumableSampler", "Run", "all_reduce_mean",

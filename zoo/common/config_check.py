@@ -9,10 +9,10 @@ for the shared runtime options (``configs/run_defaults.yaml``) and for the ``deq
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -51,12 +51,50 @@ class RuntimeOptions:
     deterministic: bool = False
     resume: Optional[str] = None
     ckpt: Optional[str] = None
+    init_from: Optional[str] = None
+    compile: str = "none"
     log: LogOptions = field(default_factory=LogOptions)
     logger: LoggerOptions = field(default_factory=LoggerOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
 
 
-CHOICES = {"amp": ("none", "bf16", "fp16"), "logger.wandb.mode": ("offline", "online", "disabled")}
+@dataclass
+class TrainOptions:
+    """The ``train:`` options every project shares (a project may add its own)."""
+
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    eval_batch_size: Optional[int] = None
+    eval_every: Optional[int] = None
+    cpu_threads: Optional[int] = None
+
+
+@dataclass
+class OptimOptions:
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: Optional[float] = None
+
+
+@dataclass
+class SchedOptions:
+    warmup_steps: Optional[float] = None   # a step count, or a fraction of the run (< 1)
+    eta_min: Optional[float] = None
+
+
+CHOICES = {"amp": ("none", "bf16", "fp16"), "compile": ("none", "default", "reduce-overhead", "max-autotune"), "logger.wandb.mode": ("offline", "online", "disabled")}
+
+
+def _declared(node: DictConfig, schema: type) -> DictConfig:
+    """`node` less the keys `schema` (and its nested dataclasses) does not declare."""
+    declared = {f.name: f for f in fields(schema)}
+    subset = OmegaConf.masked_copy(node, [k for k in node.keys() if k in declared])
+    for name, f in declared.items():
+        inner = f.default_factory() if f.default_factory is not MISSING else None
+        if is_dataclass(inner) and isinstance(subset.get(name), DictConfig):
+            subset[name] = _declared(subset[name], type(inner))
+    return subset
 
 
 def check_types(cfg: DictConfig, schema: type, key: str | None = None) -> None:
@@ -67,8 +105,7 @@ def check_types(cfg: DictConfig, schema: type, key: str | None = None) -> None:
     node = OmegaConf.select(cfg, key) if key else cfg
     if node is None:
         return
-    names = {f.name for f in fields(schema)}
-    subset = OmegaConf.masked_copy(node, [k for k in node.keys() if k in names])
+    subset = _declared(node, schema)
     try:
         OmegaConf.merge(OmegaConf.structured(schema), subset)
     except OmegaConfBaseException as err:
@@ -92,6 +129,24 @@ def check_runtime_options(cfg: DictConfig) -> None:
         raise ValueError(f"option log.every={every} must be >= 0")
     deq = cfg.get("deq") if isinstance(cfg, DictConfig) else None
     if deq is not None:
-        from core.config import DEQConfig
+        from core.config import BOOL_OPTIONS, DEQConfig
 
-        DEQConfig.from_any(deq)  # raises ValueError naming the option (deq.<name>) and what it accepts
+        parsed = DEQConfig.from_any(deq)  # raises ValueError naming the option (deq.<name>) and what it accepts
+        # the node keeps what the options mean: deq.ift=no is False for code that reads cfg.deq.ift
+        for name in BOOL_OPTIONS:
+            if name in deq and not isinstance(deq[name], bool) and deq[name] is not None:
+                with open_dict(deq):
+                    deq[name] = getattr(parsed, name)
+    check_types(cfg, TrainOptions, "train")
+    check_types(cfg, OptimOptions, "optim")
+    check_types(cfg, SchedOptions, "sched")
+    for key in ("train.steps", "train.epochs", "train.batch_size", "train.eval_batch_size",
+                "train.eval_every", "train.cpu_threads", "sched.warmup_steps", "optim.lr",
+                "optim.weight_decay"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value < 0:
+            raise ValueError(f"option {key}={value!r} must be >= 0")
+    for key in ("train.batch_size", "train.eval_batch_size", "optim.lr"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not value > 0:
+            raise ValueError(f"option {key}={value!r} must be > 0")

@@ -70,6 +70,34 @@ def project_config_dir(project: str) -> Path:
     return path
 
 
+def check_deq_overrides(argv: Sequence[str]) -> None:
+    """A misspelt ``deq.<option>=`` on the command line stops with core's "did you mean"
+    message (Hydra's own would advise adding ``+``, which then fails inside the run)."""
+    from core.config import DEQConfig
+
+    names = DEQConfig.option_names()
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        if not eq or not key.startswith("deq."):
+            continue
+        option = key.split(".")[1]
+        if option not in names:
+            try:
+                DEQConfig().update(**{option: None})
+            except TypeError as err:
+                raise SystemExit(f"{key}: {err}") from None
+
+
+def _discard_failed_job() -> None:
+    """Removes the Hydra run directory of a job that failed before training started."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from zoo.common.run import discard_unstarted_run
+
+    if HydraConfig.initialized():
+        discard_unstarted_run(Path(HydraConfig.get().runtime.output_dir))
+
+
 def _send_other_ranks_elsewhere() -> None:
     """Under torchrun every rank runs Hydra; only rank 0 may create the run directory.
 
@@ -95,10 +123,19 @@ def zoo_main(project: str, config_name: str = "config", config_dir: str | Path |
     register_search_path()
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], object]:
-        main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(task)
+        @functools.wraps(task)
+        def job(cfg: DictConfig) -> object:
+            try:
+                return task(cfg)
+            except BaseException:
+                _discard_failed_job()
+                raise
+
+        main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(job)
 
         @functools.wraps(task)
         def entry() -> object:
+            check_deq_overrides(sys.argv[1:])
             _send_other_ranks_elsewhere()
             return main()
 

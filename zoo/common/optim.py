@@ -5,7 +5,8 @@ Config shapes (any mapping: a DictConfig node, a dict)::
     optim: {name: sgd, lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 1e-4}
     optim: {name: adam | adamw, lr: 2.5e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0}
     sched: {name: constant | cosine | one_cycle | step,
-            warmup_steps: 0,                  # linear warm-up from 0 (constant, cosine, step)
+            warmup_steps: 0,                  # linear warm-up from 0 (constant, cosine, step):
+                                              # steps, or a fraction of the run (0.1)
             eta_min: 0.0,                     # cosine floor
             pct_start: 0.05, anneal: linear,  # one_cycle (DEQ-Flow: OneCycleLR, linear anneal)
             div_factor: 25, final_div_factor: 1e4,
@@ -77,6 +78,19 @@ def _warmup_then(fn, warmup: int):
     return factor
 
 
+def warmup_steps(value: Any, total_steps: int) -> int:
+    """``sched.warmup_steps``: a step count (>= 1), or a fraction of the run (0 <= value < 1),
+    so that a shortened run (``train.steps=50``) warms up over the same share of it."""
+    value = float(value or 0)
+    if value < 0:
+        raise ValueError(f"sched.warmup_steps={value}: a step count or a fraction of the run, >= 0")
+    if value < 1:
+        return int(round(value * total_steps))
+    if value != int(value):
+        raise ValueError(f"sched.warmup_steps={value}: a whole step count, or a fraction below 1")
+    return int(value)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None,
                     total_steps: int) -> LRScheduler:
     """A per-step learning-rate schedule (see the module docstring for the options)."""
@@ -85,7 +99,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | N
         raise ValueError(f"sched.name={name!r}: choose one of {SCHEDULES}")
     if total_steps < 1:
         raise ValueError(f"total_steps={total_steps}: a schedule needs at least one step")
-    warmup = int(_get(cfg, "warmup_steps", 0))
+    warmup = warmup_steps(_get(cfg, "warmup_steps", 0), total_steps)
     if name == "one_cycle":
         max_lrs = [g["lr"] for g in optimizer.param_groups]
         return OneCycleLR(

@@ -1,8 +1,8 @@
 """tqdm progress bars that stay quiet in logs.
 
 A bar is drawn only on the main rank, when stdout is a terminal and ``log.progress`` is
-true; otherwise the iterable is returned unchanged (no tqdm overhead, no control
-characters in SLURM logs).
+true, and stays on screen when done; otherwise the iterable is returned unchanged (no
+tqdm overhead, no control characters in SLURM logs: `Run.fit` prints plain lines there).
 """
 from __future__ import annotations
 
@@ -24,4 +24,4 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str | None =
     """``tqdm(iterable)`` when ``enabled``, else ``iterable`` itself."""
     if not enabled:
         return iterable
-    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False)
+    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=True)

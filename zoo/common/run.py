@@ -56,6 +56,7 @@ import datetime as _dt
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from zoo.common import console, curves, resume
 from zoo.common import distributed as zdist
+from zoo.common.config_keys import command_line_overrides
+from zoo.common.console import ConsoleLog
 from zoo.common.checkpoint import CheckpointManager, latest_valid, load_checkpoint, rng_state, set_rng_state
 from zoo.common.config_check import check_runtime_options
 from zoo.common.logger import MetricLogger, deq_metrics, peak_memory_mb
@@ -128,15 +132,17 @@ class Run:
     """
 
     def __init__(self, cfg: DictConfig, project: str | None = None, *, mode: str = "train",
-                 out_dir: str | Path | None = None):
+                 out_dir: str | Path | None = None, experiment: str | None = None):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode={mode!r}: use train or eval")
         check_runtime_options(cfg)
         self.cfg = cfg
         self.mode = mode
         self.project = project or str(cfg.get("project"))
-        self.experiment = experiment_name(cfg)
+        self.experiment = experiment or experiment_name(cfg)
         self.start_time = time.time()
+        self.console: ConsoleLog | None = None
+        self.training_started = False
 
         self.dist = zdist.env_dist_info()
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
@@ -148,13 +154,15 @@ class Run:
             torch.backends.cudnn.benchmark = False
         self.seed = int(cfg.get("seed", 0))
         seed_everything(self.seed)  # the same on every rank: identical initial parameters
+        threads = OmegaConf.select(cfg, "train.cpu_threads", default=None)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(int(threads))
 
         self.out_dir = self._decide_out_dir(out_dir)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self._config_without_hydra(), self.out_dir / "config.yaml", resolve=True)
-            if mode == "train":  # `latest` names the newest training run, whose checkpoints tools want
-                self._point_latest()
+            self.console = ConsoleLog(self.out_dir / ("train.log" if mode == "train" else "evaluate.log"))
 
         amp = str(cfg.get("amp", "none") or "none")
         self.amp_dtype = AMP_DTYPES[amp]
@@ -203,24 +211,30 @@ class Run:
         return out_dir
 
     def _point_latest(self) -> None:
-        """``<experiment dir>/latest`` -> this run's directory (a relative symlink)."""
-        parent = self.out_dir.parent
+        """``<experiment dir>/latest`` -> this run's directory, or its multirun folder (a relative symlink).
+
+        Called when training starts, so a run that fails before (missing data, a bad
+        option) leaves ``latest`` where it was.
+        """
+        target, parent = self.out_dir, self.out_dir.parent
         if parent.name.startswith("multirun_"):
-            parent = parent.parent
+            target, parent = parent, parent.parent
         link = parent / "latest"
         tmp = parent / f".latest.tmp{os.getpid()}"
         try:
             tmp.unlink(missing_ok=True)
-            os.symlink(os.path.relpath(self.out_dir, parent), tmp)
+            os.symlink(os.path.relpath(target, parent), tmp)
             os.replace(tmp, link)
         except OSError:  # no symlinks on this filesystem: a text file instead
             tmp.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
-            link.write_text(str(self.out_dir) + "\n")
+            link.write_text(str(target) + "\n")
 
     # ------------------------------------------------------------------ model helpers
     def wrap(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
-        """Moves ``model`` to the device; wraps it in DDP under torchrun."""
+        """Moves ``model`` to the device; wraps it in DDP under torchrun, then in
+        ``torch.compile`` when ``compile`` is not ``none`` (checkpoints hold the inner
+        module's keys either way: see `unwrap`)."""
         model = model.to(self.device)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -228,6 +242,9 @@ class Run:
             if self.device.type == "cuda":
                 ddp_kwargs.setdefault("device_ids", [self.device.index])
             model = DistributedDataParallel(model, **ddp_kwargs)
+        mode = str(self.cfg.get("compile", "none") or "none")
+        if mode != "none":
+            model = torch.compile(model, mode=mode)
         return model
 
     @staticmethod
@@ -310,38 +327,14 @@ class Run:
             "project": self.project, "experiment": self.experiment, "world_size": self.world_size,
         }
 
-    def find_resume_checkpoint(self) -> Path | None:
-        """The checkpoint this run continues from (see the module docstring), or None."""
+    def find_resume_checkpoint(self, total_steps: int = 0) -> Path | None:
+        """The checkpoint this run continues from (`zoo.common.resume`), or None."""
         if self.mode != "train":
             return None
-        choice = self.cfg.get("resume")
         found = None
         if self.is_main:
-            if choice not in (None, "auto", "", "none", "null"):
-                path = Path(str(choice))
-                if path.is_dir():
-                    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-                    found = latest_valid(folder)
-                    if found is None:
-                        raise FileNotFoundError(f"resume={choice}: no valid checkpoint in {folder}")
-                elif path.is_file():
-                    found = path
-                else:
-                    raise FileNotFoundError(f"resume={choice}: no such checkpoint file or run directory")
-            else:
-                found = self.checkpoint.latest()
-                if found is None and choice == "auto":
-                    experiment_dir = self.out_dir.parent
-                    if experiment_dir.name.startswith("multirun_"):
-                        experiment_dir = experiment_dir.parent
-                    runs = sorted((p for p in experiment_dir.glob("*/checkpoints") if p.parent != self.out_dir),
-                                  key=lambda p: p.stat().st_mtime, reverse=True)
-                    runs += sorted((p for p in experiment_dir.glob("multirun_*/*/checkpoints")),
-                                   key=lambda p: p.stat().st_mtime, reverse=True)
-                    for folder in runs:
-                        found = latest_valid(folder)
-                        if found is not None:
-                            break
+            ours = OmegaConf.to_container(self._config_without_hydra(), resolve=True)
+            found = resume.choose(self.cfg.get("resume"), ours, self.out_dir, total_steps, say=print)
         if self.dist.enabled:
             shared = [str(found) if found else None]
             dist.broadcast_object_list(shared, src=0)
@@ -412,7 +405,7 @@ class Run:
     def fit(self, *, model: torch.nn.Module, train_step: Callable[[Any, int], Mapping[str, Any]],
             batches: Callable[[int, int], Iterable], total_steps: int, optimizer: Any = None,
             scheduler: Any = None, evaluate: Optional[Callable[[int], Mapping[str, Any]]] = None,
-            eval_every: int = 0, ckpt_every: int | None = None, extra_state: Mapping[str, Any] | None = None,
+            eval_every: int | None = None, ckpt_every: int | None = None, extra_state: Mapping[str, Any] | None = None,
             desc: str = "train") -> FitOutput:
         """A step-based training loop with logging, evaluation, checkpoints and exact resume.
 
@@ -427,8 +420,10 @@ class Run:
         """
         if ckpt_every is None:
             ckpt_every = int(OmegaConf.select(self.cfg, "checkpoint.every", default=0) or 0)
+        if eval_every is None:  # about five evaluations a run, so a long run shows its test metric
+            eval_every = max(total_steps // 5, 1)
         step, epoch, batch_in_epoch = 0, 0, 0
-        resume_path = self.find_resume_checkpoint()
+        resume_path = self.find_resume_checkpoint(total_steps)
         if resume_path is not None:
             state = load_checkpoint(resume_path, map_location="cpu")
             self.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, extra=extra_state)
@@ -436,6 +431,12 @@ class Run:
             self.global_step = step
             self.resumed_from = resume_path
             self.logger.log(step, {"event": "resumed", "from": str(resume_path)})
+            self.say(f"resumed from {resume_path} at step {step}")
+        elif self.cfg.get("init_from"):
+            self.init_from(model, self.cfg.init_from)
+        if self.is_main:
+            self._point_latest()  # training starts: `latest` names this run
+        self.training_started = True
 
         def save() -> None:
             self.checkpoint.save(self.state_dict(model=model, optimizer=optimizer, scheduler=scheduler,
@@ -444,6 +445,7 @@ class Run:
             zdist.barrier()
 
         output = FitOutput(step=step)
+        last_eval: dict[str, Any] = {}
         bar = self.progress(range(step, total_steps), total=total_steps, desc=desc, initial=step)
         bar_iter = iter(bar)
         window_time, window_steps = 0.0, 0
@@ -472,14 +474,21 @@ class Run:
                         record["lr"] = scheduler.get_last_lr()[0]
                     output.metrics = {k: v for k, v in self.log(step, record).items() if k != "step"}
                     window_time, window_steps = 0.0, 0
+                    self._report_step(bar, step, total_steps, output.metrics, last_eval)
                 if evaluate is not None and eval_every and step % eval_every == 0 and step < total_steps:
                     self._evaluate(evaluate, model, step, output)
+                    last_eval = dict(output.metrics)
                 if ckpt_every and step % ckpt_every == 0 and step < total_steps:
                     save()
                 if self.should_stop():
                     save()
                     self.logger.log(step, {"event": "preempted", "signal": int(self.stop_signal or 0)})
                     output.step, output.status = step, "preempted"
+                    self._close_bar(bar)
+                    self.say(f"stopped by signal {int(self.stop_signal or 0)} at step {step}/{total_steps}: "
+                             f"checkpoint {self.checkpoint.latest()}; resume with the same command "
+                             f"plus resume={self.out_dir}")
+                    self._plot_curve()
                     self._hand_over_signal()
                     return output
                 if step >= total_steps:
@@ -491,11 +500,62 @@ class Run:
                 epoch += 1
                 batch_in_epoch = 0
                 continue
+        self._close_bar(bar)
         if evaluate is not None:
             self._evaluate(evaluate, model, step, output)
         save()
         output.step = step
+        self._plot_curve()
         return output
+
+    # ------------------------------------------------------------------ console
+    def say(self, text: str) -> None:
+        """Prints one line on the main rank (it goes to ``train.log`` too)."""
+        if self.is_main:
+            print(text, flush=True)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.project}/{self.experiment}"
+
+    def _report_step(self, bar: Any, step: int, total: int, record: Mapping[str, Any],
+                     last_eval: Mapping[str, Any]) -> None:
+        if not self.is_main:
+            return
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(console.bar_postfix(record), refresh=False)
+        else:
+            print(console.step_line(self.tag, step, total, record, last_eval), flush=True)
+
+    @staticmethod
+    def _close_bar(bar: Any) -> None:
+        if hasattr(bar, "close"):
+            bar.close()
+
+    def _plot_curve(self) -> None:
+        if not self.is_main:
+            return
+        reported = self.cfg.get("reported") or {}
+        metrics = (reported.get("metrics") or {}) if isinstance(reported, Mapping) else {}
+        main = next(iter(metrics.values()), None) or (reported.get("metric") if isinstance(reported, Mapping) else None)
+        try:
+            curves.plot_training_curve(self.out_dir / "metrics.jsonl", self.out_dir / "training_curve.png",
+                                       title=f"{self.tag} ({self.out_dir.name})", main_metric=main)
+        except Exception as err:  # a plot never fails a finished run
+            print(f"[{self.tag}] training_curve.png not written: {err}", file=sys.stderr)
+
+    def summary(self, metrics: Mapping[str, Any], status: str | None = None) -> None:
+        """The one line a run ends with: final metrics, run directory, wall time."""
+        status = status or ("evaluated" if self.mode == "eval" else "completed")
+        self.say(console.summary_line(self.tag, status, metrics, self.out_dir, time.time() - self.start_time))
+
+    def init_from(self, model: torch.nn.Module, path: str | Path) -> None:
+        """Loads the model weights of another run's checkpoint into this fresh run (``init_from``)."""
+        state = load_checkpoint(path, map_location="cpu")
+        weights = state["model"] if isinstance(state, Mapping) and "model" in state else state
+        self.unwrap(model).load_state_dict(weights)
+        self.logger.log(0, {"event": "init_from", "from": str(path)})
+        self.say(f"initialised the model from {path} (fresh optimiser and schedule)")
 
     def should_stop(self) -> bool:
         """True (on every rank) once a stop signal arrived; for loops that do not use `fit`.
@@ -544,41 +604,41 @@ class Run:
             final_step=self.global_step or None, world_size=self.world_size, run_dir=str(self.out_dir),
             config_path=str(self.out_dir / "config.yaml"),
             resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            overrides=command_line_overrides(self.cfg),
             **fields,
         )
-        return write_results(self.out_dir / "results.json", record)
+        path = write_results(self.out_dir / "results.json", record)
+        if self.mode == "train":
+            self.summary({k: v for k, v in metrics.items()}, status=status)
+        return path
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         self._restore_signal_handlers()
         self.logger.close()
+        if self.console is not None:
+            self.console.close()
         zdist.shutdown_distributed()
 
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close()
+        if exc_type is not None and self.mode == "train" and not self.training_started and self.is_main:
+            discard_unstarted_run(self.out_dir)
 
 
-def evaluate_checkpoint(cfg: DictConfig, project: str, build_model: Callable[[DictConfig], torch.nn.Module],
-                        evaluate: Callable[[torch.nn.Module, "Run"], Mapping[str, Any]]) -> dict[str, Any]:
-    """The body of a project's ``evaluate.py``: checkpoint ``cfg.ckpt`` -> ``results.json``.
+def discard_unstarted_run(out_dir: Path) -> bool:
+    """Removes the directory of a run that failed before training (missing data, a bad
+    option): no checkpoint and no logged step. Returns True when it was removed."""
+    import shutil
 
-    Builds the model from the (possibly overridden) config, loads the checkpoint's weights,
-    runs ``evaluate(model, run)`` in eval mode without gradients (test-time options such as
-    ``deq.eval_f_max_iter`` apply through the config) and writes ``results.json`` with
-    ``status: evaluated`` in a new run directory. Returns the metrics::
-
-        @zoo_main("mdeq")
-        def main(cfg):
-            evaluate_checkpoint(cfg, "mdeq", build_model, lambda model, run: test_top1(model, cfg, run))
-    """
-    with Run(cfg, project=project, mode="eval") as run:
-        model = build_model(cfg).to(run.device)
-        run.load_model(model)
-        model.eval()
-        with torch.no_grad():
-            metrics = dict(evaluate(model, run))
-        run.write_results(metrics, checkpoint=str(cfg.get("ckpt")))
-        return metrics
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or (out_dir / "checkpoints").exists():
+        return False
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return False
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return True

@@ -1,4 +1,4 @@
-"""Datasets for MDEQ: CIFAR-10 pickles, ImageNet class folders, scikit-learn digits.
+"""Datasets for MDEQ: CIFAR-10 pickles (zoo.common.cifar), ImageNet class folders, scikit-learn digits.
 
 Nothing is downloaded. CIFAR-10 is read from the real `cifar-10-batches-py/` pickles
 under `data.root` (the format torchvision writes, read here with `pickle`, so fixture
@@ -10,7 +10,6 @@ names the files and layout expected.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -19,23 +18,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from zoo.common.cifar import read_cifar10
 from zoo.common.data import MissingDataError, require_files
 
-CIFAR_DIR = "cifar-10-batches-py"
-CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR_TEST_FILES = ("test_batch",)
 # Recipe normalisation (TorchDEQ zoo MDEQ run.sh / the original MDEQ).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-CIFAR_LAYOUT = (
-    "the CIFAR-10 python version under data.root:\n"
-    "  <root>/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta\n"
-    "(pickled dicts with b'data' uint8 (N, 3072) and b'labels'; the archive "
-    "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html unpacks to it). "
-    "Set data.root=/path/to/dir or run the offline experiment: +experiment=digits")
+OFFLINE_HINT = "Set data.root=/path/to/dir or run the offline experiment: +experiment=digits"
 IMAGENET_LAYOUT = (
     "ImageNet in class folders under data.root:\n"
     "  <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG\n"
@@ -54,28 +46,11 @@ class DataSplits:
     image_size: int
 
 
-def read_cifar_batches(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 32, 32, 3) uint8 and labels (N,) int64 from the CIFAR-10 pickles."""
-    names = CIFAR_TRAIN_FILES if train else CIFAR_TEST_FILES
-    folder = require_files(root, [f"{CIFAR_DIR}/{n}" for n in names + ("batches.meta",)],
-                           layout=CIFAR_LAYOUT) / CIFAR_DIR
-    images, labels = [], []
-    for name in names:
-        with open(os.path.join(folder, name), "rb") as fh:
-            batch = pickle.load(fh, encoding="latin1")
-        # The published (Python 2) pickles give str keys under latin1; files written by
-        # Python 3 with bytes keys (b'data') are accepted too.
-        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
-    return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.concatenate(labels)
-
-
 class CIFAR10Pickles(Dataset):
     """CIFAR-10 from `root/cifar-10-batches-py/`; items are (transform(PIL image), label)."""
 
     def __init__(self, root: str, train: bool, transform: Optional[Callable] = None):
-        self.images, self.labels = read_cifar_batches(root, train)
+        self.images, self.labels = read_cifar10(root, train, hint=OFFLINE_HINT)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from zoo.common import load_checkpoint
 from zoo.mdeq.data import build_datasets
-from zoo.mdeq.evaluate import format_sweep, iteration_sweep, save_sweep
+from zoo.common.sweep import format_sweep, save_sweep
+from zoo.mdeq.evaluate import iteration_sweep
 from zoo.mdeq.train import build_model
 
 DEFAULT_RUN = Path(os.environ.get("ZOO_OUTPUTS", "outputs")) / "mdeq" / "digits" / "latest"
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     rows = iteration_sweep(model, splits.test, torch.device("cpu"), budgets, cfg.train.eval_batch_size)
     print(f"MDEQ on digits ({args.run.resolve()}): accuracy vs test-time solver iterations "
           f"(trained with {cfg.deq.f_solver}, {cfg.deq.f_max_iter} iterations)")
-    print(format_sweep(rows))
-    json_path, png_path = save_sweep(rows, args.run, title="MDEQ digits")
+    print(format_sweep(rows, ["top1"]))
+    json_path, png_path = save_sweep(rows, args.run, metric="top1", metric_label="top-1 accuracy (%)",
+                                     title="MDEQ digits")
     print(f"saved {json_path} and {png_path}")
     return rows
 

@@ -94,8 +94,6 @@ def total_steps(cfg: DictConfig, train_size: int, world_size: int) -> int:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training; returns the final test metrics."""
     with Run(cfg, project="mdeq") as run:
-        if cfg.train.get("cpu_threads") and run.device.type == "cpu":
-            torch.set_num_threads(int(cfg.train.cpu_threads))
         splits = build_datasets(cfg.data)  # a missing dataset stops here, before any work
         model = run.wrap(build_model(cfg, splits))
         optimizer = build_optimizer(model, optimizer_options(cfg))

@@ -96,7 +96,7 @@ def test_evaluating_the_checkpoint_reproduces_the_final_metric(trained, tmp_path
 def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp_path):
     _, reference = trained
     outputs = tmp_path / "outputs"
-    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "train.signal_at_step=5", "checkpoint.every=2",
+    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "checkpoint.signal_at_step=5", "checkpoint.every=2",
             outputs=outputs, cwd=tmp_path)
     (killed,) = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
     assert not (killed / "results.json").exists() and (killed / "preempted_params.pt").is_file()
@@ -119,7 +119,7 @@ def test_submitit_preemption_requeues_and_resumes_in_the_same_job_dir(trained, t
     _, reference = trained
     outputs = tmp_path / "outputs"
     run_toy("toy_train.py", "-m", "hydra/launcher=local", "+experiment=tiny", "device=cpu",
-            "train.signal_at_step=5", "train.signal=SIGUSR2", outputs=outputs, cwd=tmp_path,
+            "checkpoint.signal_at_step=5", "checkpoint.signal=SIGUSR2", outputs=outputs, cwd=tmp_path,
             python_path=TOY)  # the pickled job imports toy_model by name
     (job_dir,) = (outputs / "toy" / "tiny").glob("multirun_*/0")
     log = (job_dir / "metrics.jsonl").read_text()
@@ -135,7 +135,7 @@ def test_torchrun_two_cpu_ranks_stop_together_resume_and_end_identical(tmp_path)
     outputs = tmp_path / "outputs"
     common = ["+experiment=tiny", "device=cpu", "train.steps=4", "train.eval_every=0"]
     # only rank 1 is signalled; both ranks must stop after the same step and rank 0 saves it
-    run_toy("toy_train.py", *common, "train.signal_at_step=2", "train.signal_rank=1",
+    run_toy("toy_train.py", *common, "checkpoint.signal_at_step=2", "checkpoint.signal_rank=1",
             outputs=outputs, cwd=tmp_path, torchrun=True)
     runs = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
     assert len(runs) == 1  # rank 1 wrote no run directory of its own
@@ -153,10 +153,11 @@ def test_torchrun_two_cpu_ranks_stop_together_resume_and_end_identical(tmp_path)
 @pytest.mark.timeout(300)
 def test_multirun_of_two_seeds_and_compare_tables(tmp_path, capsys):
     outputs = tmp_path / "outputs"
-    run_toy("toy_train.py", "-m", "+experiment=tiny", "device=cpu", "seed=0,1", "train.steps=4",
-            outputs=outputs, cwd=tmp_path)
+    run_toy("toy_train.py", "-m", "+experiment=tiny", "device=cpu", "seed=0,1", outputs=outputs, cwd=tmp_path)
     results = sorted((outputs / "toy" / "tiny").glob("multirun_*/*/results.json"))
     assert [json.loads(p.read_text())["seed"] for p in results] == [0, 1]
+    latest = outputs / "toy" / "tiny" / "latest"
+    assert latest.resolve() == results[0].parent.parent.resolve()  # the multirun folder, not its last job
     accuracies = [json.loads(p.read_text())["metrics"]["eval/accuracy"] for p in results]
 
     spec = importlib.util.spec_from_file_location("compare_tables_cli", REPO / "scripts" / "compare_tables.py")
@@ -169,7 +170,7 @@ def test_multirun_of_two_seeds_and_compare_tables(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| Toy DEQ (ours)"))
     mean = sum(accuracies) / 2
     assert f"{mean:.4g} ± " in row and "2 runs" in row and f"{mean - 0.7:+.3g}" in row
-    assert f"| {max(accuracies):.4g} |" in row  # the best-over-seeds column
+    assert f"| {max(accuracies):.4g} (n=2) |" in row  # the best-over-seeds column, with its run count
     assert "| Toy DEQ, IFT (ours) | 0.75 | - |" in out and "reported only" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 

@@ -211,8 +211,8 @@ def test_compare_tables_statistics(tmp_path, capsys):
     ct.main([str(tmp_path), *[str(p) for p in tmp_path.glob("d*.json")], "--table", "table2", "--table", "table6"])
     out = capsys.readouterr().out
     pg = next(line for line in out.splitlines() if line.startswith("| IGNN (TorchDEQ, PG)"))
-    assert pg.split(" | ")[1:7] == ["98.0", "97.5", "-0.5", "98.6", "98.4", "-0.2"] and "3 runs" in pg
+    assert pg.split(" | ")[1:7] == ["98.0", "97.5 (n=3)", "-0.5", "98.6", "98.4 (n=3)", "-0.2"] and "3 runs" in pg
     ddim = next(line for line in out.splitlines() if line.startswith("| DEQ-DDIM (TorchDEQ)"))
-    assert "0.3 ± 0.14" in ddim and "+0.13" in ddim
+    assert "0.3 ± 0.14 (n=2)" in ddim and "+0.13" in ddim
     assert "| IGNN (TorchDEQ, IFT) | 97.8 | - |" in out and "no run yet" in out
-    assert "| GCN | 59.2 |  |  |" in out and "reported only" in out
+    assert "| GAT | 97.3 |  |  |" in out and "reported only" in out

@@ -1,36 +1,14 @@
 """Fixtures of the MDEQ tests: CIFAR-10 in its real on-disk format and a state dict with
 the TorchDEQ zoo MDEQ's key names."""
-import pickle
-
-import numpy as np
 import pytest
 import torch
 
-
-def write_cifar(root, n_train=4, n_test=3, bytes_keys=False, seed=0):
-    """Writes ``root/cifar-10-batches-py/`` as the CIFAR-10 python pickles: dicts whose
-    ``data`` is uint8 (N, 3072) made of the R, G, B planes, plus ``labels``; returns
-    {file name: (data, labels)}."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
-    written = {}
-    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        with open(folder / name, "wb") as fh:
-            pickle.dump({key("batch_label"): name, key("data"): data, key("labels"): labels,
-                         key("filenames"): [f"{i}.png" for i in range(n)]}, fh)
-        written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, fh)
-    return written
+from zoo.common.cifar import write_cifar10
 
 
 @pytest.fixture
 def cifar_writer():
-    return write_cifar
+    return write_cifar10
 
 
 @pytest.fixture(autouse=True)

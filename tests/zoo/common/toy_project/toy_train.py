@@ -28,8 +28,8 @@ def main(cfg):
                 loss = torch.nn.functional.cross_entropy(logits, y)
             run.backward_step(loss, optimizer, model.parameters(), cfg.clip, scheduler)
             # the tests' pre-emption: a signal to this process (on one rank, or on all with -1)
-            if step == cfg.train.signal_at_step and cfg.train.signal_rank in (-1, run.rank):
-                os.kill(os.getpid(), getattr(signal, cfg.train.signal))
+            if step == cfg.checkpoint.signal_at_step and cfg.checkpoint.signal_rank in (-1, run.rank):
+                os.kill(os.getpid(), getattr(signal, cfg.checkpoint.signal))
             return {"train/loss": loss, "deq_info": info}
 
         out = run.fit(model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
