@@ -2,7 +2,7 @@
 
 - ``cifar10``: the CIFAR-10 python pickles under ``data.root``
   (``<root>/cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta``, read by
-  `zoo.common.read_cifar10`); the inversion targets are training images, one per seed.
+  `zoo.common.cifar.read_cifar10`); the inversion targets are training images, one per seed.
 - ``digits``: scikit-learn's 1797 real 8x8 handwritten digits (values 0..16, inside the
   wheel), split into a training set for the small diffusion model and held-out images for
   inversion (``data.heldout`` of them, chosen by ``data.split_seed``).
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from zoo.common.cifar import read_cifar10
 
 OFFLINE_HINT = "Or run the offline experiments: +experiment=digits_sampling / digits_inversion"
 
@@ -39,8 +41,6 @@ def digits_splits(heldout: int, split_seed: int) -> ImageSplits:
 
 def cifar10_splits(root) -> ImageSplits:
     """CIFAR-10 training images as (50000, 3, 32, 32) in [-1, 1]."""
-    from zoo.common import read_cifar10  # candidate already in zoo/common (the MDEQ reader)
-
     images, _ = read_cifar10(root, train=True, hint=OFFLINE_HINT)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return ImageSplits(train=x, heldout=x[:0], channels=3, resolution=32)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zoo.common import evaluate_checkpoint, zoo_main
+from zoo.common.sweep import format_sweep, residual_summary, save_sweep
 from zoo.deq_ddim.convert import load_ddpm_checkpoint
 from zoo.deq_ddim.diffusion import ddim_sample
 from zoo.deq_ddim.sampler import DEQSampler
@@ -29,8 +30,6 @@ TEST_TIME_KEYS = ("sampling.*", "seed")
 
 def evaluate_sampler(model: torch.nn.Module, run) -> dict:
     """DEQ vs sequential sampling with the options of ``run.cfg`` (see the module doc)."""
-    from zoo.common.sweep import format_sweep, residual_summary, save_sweep
-
     cfg = run.cfg
     set_threads(cfg, run)
     dtype = DTYPES[str(cfg.sampling.dtype)]

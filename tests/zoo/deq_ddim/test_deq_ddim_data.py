@@ -4,6 +4,7 @@ import torch
 from omegaconf import OmegaConf
 
 from zoo.common import MissingDataError
+from zoo.common.cifar import write_cifar10
 from zoo.deq_ddim.data import build_datasets, inversion_targets
 
 
@@ -22,19 +23,8 @@ def test_digits_split_is_scaled_and_keeps_the_heldout_images_out():
     assert not torch.equal(other.heldout, splits.heldout)
 
 
-def _cifar_reader_landed():
-    import zoo.common
-
-    if not hasattr(zoo.common, "read_cifar10"):
-        pytest.skip("zoo.common.read_cifar10 has not landed yet")
-    import zoo.common.cifar
-
-    return zoo.common.cifar
-
-
 def test_cifar10_pickles_give_training_targets_in_minus_one_one(tmp_path):
-    cifar = _cifar_reader_landed()
-    written = cifar.write_cifar10(tmp_path, n_train=3, n_test=2)
+    written = write_cifar10(tmp_path, n_train=3, n_test=2)
     cfg = OmegaConf.create({"name": "cifar10", "root": str(tmp_path), "heldout": 0, "split_seed": 0, "num_targets": 1})
     splits = build_datasets(cfg)
     assert splits.train.shape == (15, 3, 32, 32) and splits.channels == 3
@@ -47,7 +37,6 @@ def test_cifar10_pickles_give_training_targets_in_minus_one_one(tmp_path):
 
 
 def test_missing_cifar10_names_the_layout(tmp_path):
-    _cifar_reader_landed()
     cfg = OmegaConf.create({"name": "cifar10", "root": str(tmp_path), "heldout": 0, "split_seed": 0, "num_targets": 1})
     with pytest.raises(MissingDataError, match=r"cifar-10-batches-py/data_batch_1(.|\n)*digits_inversion"):
         build_datasets(cfg)

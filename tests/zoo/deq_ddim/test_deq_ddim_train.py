@@ -1,6 +1,5 @@
 """DEQ-DDIM experiments compose to their recipes, and the digits pipeline runs end to end:
 the denoiser is trained once (file lock), sampled both ways and inverted both ways."""
-import inspect
 import json
 from pathlib import Path
 
@@ -115,11 +114,6 @@ def test_digits_inversion_lowers_the_loss_both_ways_and_writes_inversion_png(dig
 
 
 def test_evaluate_compares_the_deq_with_sequential_sampling(digits_denoiser, tmp_path, monkeypatch):
-    import zoo.common
-
-    pytest.importorskip("zoo.common.sweep")
-    if "load_weights" not in inspect.signature(zoo.common.evaluate_checkpoint).parameters:
-        pytest.skip("zoo.common's evaluate_checkpoint(load_weights=...) has not landed yet")
     from zoo.deq_ddim.evaluate import evaluate
 
     _, ckpt = digits_denoiser
@@ -141,10 +135,6 @@ def test_cifar10_inversion_runs_end_to_end_on_fixtures(tmp_path, monkeypatch):
     """Table 6's experiment at paper size (the 35.7M UNet, loaded through the converter
     from a DataParallel state dict) on a CIFAR-10 pickle fixture, cut to T=3, one Adam
     step and 2 Anderson iterations: results.json names both Table 6 rows."""
-    import zoo.common
-
-    if not hasattr(zoo.common, "read_cifar10"):
-        pytest.skip("zoo.common.read_cifar10 has not landed yet")
     from zoo.common.cifar import write_cifar10
     from zoo.deq_ddim.model import build_unet
 
