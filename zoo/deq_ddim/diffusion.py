@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # sampling.dtype, sampling_study.dtypes
 
 __all__ = ["Schedule", "timestep_sequence", "JointDDIM", "ddim_sample", "ddim_encode", "q_sample", "ddpm_loss"]
 
@@ -75,10 +76,12 @@ class Schedule:
         self.sqrt_ab_next = np.sqrt(ab_n)
 
     @classmethod
-    def from_config(cls, diffusion, sampling) -> "Schedule":
-        return cls(beta_start=float(diffusion.beta_start), beta_end=float(diffusion.beta_end),
-                   num_steps=int(diffusion.num_steps), timesteps=int(sampling.timesteps),
-                   skip_type=str(sampling.skip_type), eta=float(sampling.get("eta", 0.0)))
+    def from_config(cls, cfg, timesteps: Optional[int] = None) -> "Schedule":
+        """From ``cfg.diffusion`` and ``cfg.sampling``; `timesteps` overrides ``sampling.timesteps``."""
+        d, s = cfg.diffusion, cfg.sampling
+        return cls(beta_start=float(d.beta_start), beta_end=float(d.beta_end), num_steps=int(d.num_steps),
+                   timesteps=int(timesteps or s.timesteps), skip_type=str(s.skip_type),
+                   eta=float(s.get("eta", 0.0)))
 
     def ab(self, t: np.ndarray) -> np.ndarray:
         """alpha_bar at integer timesteps, alpha_bar_{-1} = 1."""

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from zoo.common import evaluate_checkpoint, zoo_main
 from zoo.common.sweep import format_sweep, residual_summary, save_sweep
 from zoo.deq_ddim.convert import load_ddpm_checkpoint
-from zoo.deq_ddim.diffusion import ddim_sample
+from zoo.deq_ddim.diffusion import DTYPES, Schedule, ddim_sample
 from zoo.deq_ddim.sampler import DEQSampler
-from zoo.deq_ddim.train import DTYPES, build_model, diffusion_schedule, set_threads
+from zoo.deq_ddim.train import build_model, set_threads
 
 # Options evaluate.py may change on a checkpoint's config (besides zoo.common's: the
 # solver budget deq.eval_f_max_iter, the forward solver, eval.*): the sampler's.
@@ -34,7 +34,7 @@ def evaluate_sampler(model: torch.nn.Module, run) -> dict:
     set_threads(cfg, run)
     dtype = DTYPES[str(cfg.sampling.dtype)]
     model = model.to(dtype).eval()
-    schedule = diffusion_schedule(cfg)
+    schedule = Schedule.from_config(cfg)
     size = model.size
     gen = torch.Generator().manual_seed(int(cfg.seed))
     x_T = torch.randn(int(cfg.sampling.batch), size.in_channels, size.resolution, size.resolution,

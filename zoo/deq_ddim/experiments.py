@@ -16,11 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zoo.deq_ddim.data import build_datasets, inversion_targets
-from zoo.deq_ddim.diffusion import ddim_encode, ddim_sample
+from zoo.deq_ddim.diffusion import DTYPES, Schedule, ddim_encode, ddim_sample
 from zoo.deq_ddim.inversion import Inversion, deq_forward, gradient_cosine, run_side_by_side, sequential_forward
 from zoo.deq_ddim.sampler import DEQSampler, Recorder
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _median(values) -> Optional[float]:
@@ -71,14 +69,12 @@ def compare_sampling(denoiser, schedule, x_T: torch.Tensor, options: dict, chunk
 
 def sampling_study(cfg: DictConfig, run, denoiser) -> tuple[dict, dict]:
     """digits_sampling: every (T, dtype, solver) of ``sampling_study``; trajectory.png."""
-    from zoo.deq_ddim.train import diffusion_schedule
-
     study = cfg.sampling_study
     b, res, ch = int(cfg.sampling.batch), denoiser.size.resolution, denoiser.size.in_channels
     metrics, rows, curves, panel = {}, [], {}, None
     panel_T = 50 if 50 in study.timesteps else int(study.timesteps[0])
     for T in study.timesteps:
-        schedule = diffusion_schedule(cfg, int(T))
+        schedule = Schedule.from_config(cfg, int(T))
         budget = int(study.max_iter or schedule.num_latents)
         for dtype_name in study.dtypes:
             dtype = DTYPES[str(dtype_name)]
@@ -160,15 +156,13 @@ def inversion_study(cfg: DictConfig, run, denoiser) -> tuple[dict, dict]:
     against the sequential baseline, ``inversion.batch_size`` images at a time, the two
     stepped in turn, each with the time budget ``inversion.time_budget_s`` on its own
     clock (the time of its own steps); inversion.png."""
-    from zoo.deq_ddim.train import diffusion_schedule
-
     inv = cfg.inversion
     splits = build_datasets(cfg.data)
     targets = inversion_targets(cfg.data, splits, int(cfg.seed)).to(run.device)
     budget = float(inv.time_budget_s) if inv.time_budget_s is not None else float("inf")
     metrics, extra, shown = {}, {"inversion": {}}, {}
     for T in inv.timesteps:
-        schedule = diffusion_schedule(cfg, int(T))
+        schedule = Schedule.from_config(cfg, int(T))
         sampler = DEQSampler(denoiser, schedule, OmegaConf.to_container(cfg.deq, resolve=True),
                              chunk=int(cfg.sampling.chunk), mix=str(cfg.sampling.mix))
         per_method = {m: [] for m in inv.methods}

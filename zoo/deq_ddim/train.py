@@ -25,26 +25,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import TensorDataset
 
 from zoo.common import Run, build_optimizer, build_scheduler, load_checkpoint, save_checkpoint, zoo_main
+from zoo.deq_ddim import experiments
 from zoo.deq_ddim.convert import load_ddpm_checkpoint
 from zoo.deq_ddim.data import build_datasets
-from zoo.deq_ddim.diffusion import Schedule, ddpm_loss
+from zoo.deq_ddim.diffusion import DTYPES, Schedule, ddpm_loss
 from zoo.deq_ddim.model import DiffusionUNet, count_parameters, get_size
 
 SIZE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_groups")
 TASKS = ("ddpm", "sampling", "inversion")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_model(cfg: DictConfig) -> DiffusionUNet:
     """The denoiser UNet of ``cfg.model`` (a named size, fields optionally overridden)."""
     m = cfg.model
     return DiffusionUNet(get_size(str(m.size), **{k: m.get(k) for k in SIZE_FIELDS}))
-
-
-def diffusion_schedule(cfg: DictConfig, timesteps: int | None = None) -> Schedule:
-    """The schedule of ``cfg.diffusion`` and ``cfg.sampling`` (``timesteps`` overrides T)."""
-    sampling = OmegaConf.merge(cfg.sampling, {"timesteps": timesteps}) if timesteps else cfg.sampling
-    return Schedule.from_config(cfg.diffusion, sampling)
 
 
 def optimizer_options(cfg: DictConfig) -> dict:
@@ -59,7 +53,7 @@ def train_denoiser(cfg: DictConfig, run: Run) -> tuple[DiffusionUNet, dict]:
     optimizer = build_optimizer(model, optimizer_options(cfg))
     steps = int(cfg.train.steps)
     scheduler = build_scheduler(optimizer, cfg.sched, steps)
-    schedule = diffusion_schedule(cfg)
+    schedule = Schedule.from_config(cfg)
     batches = run.loader(TensorDataset(splits.train), batch_size=int(cfg.train.batch_size), shuffle=True,
                          drop_last=True)
 
@@ -140,8 +134,6 @@ def set_threads(cfg: DictConfig, run: Run) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Runs the experiment's task; returns its metrics (also in results.json)."""
-    from zoo.deq_ddim import experiments
-
     task = str(cfg.task)
     if task not in TASKS:
         raise ValueError(f"task={task!r}: use one of {', '.join(TASKS)}")
