@@ -153,7 +153,7 @@ def save_ppl_plot(rows: Sequence[Dict[str, float]], path, bigram_ppl: Optional[f
     ax.set_xlabel("test-time solver iterations")
     ax.set_ylabel("validation perplexity", color="tab:blue")
     ax.set_yscale("log")
-    ax.legend(loc="upper center")
+    ax.legend(loc="best")
     ax2 = ax.twinx()
     ax2.semilogy(its, [r["rel_residual"] for r in rows], "s--", color="tab:red")
     ax2.set_ylabel("mean relative residual", color="tab:red")

@@ -2,8 +2,8 @@
 
 gensim's wheel carries ``test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-
 shortened.bz2`` (a real Wikipedia dump excerpt, CC BY-SA): 206 pages in namespace 0, of
-which 99 are redirects. `build_wiki_mini(out)` turns the other 107 articles into
-``out/wiki.{train,valid,test}.tokens`` in WikiText-103's layout, which
+which 99 are redirects and one has no text. `build_wiki_mini(out)` turns the other 106
+articles into ``out/wiki.{train,valid,test}.tokens`` in WikiText-103's layout, which
 `zoo.deq_transformer.data` reads like the real corpus. The conversion is fixed:
 
 * Markup: gensim's ``filter_wiki`` (links, templates, refs, tables removed), then the
