@@ -608,6 +608,8 @@ class Run:
             **fields,
         )
         path = write_results(self.out_dir / "results.json", record)
+        if self.mode == "train" and not self.training_started:
+            self._point_latest()  # a run that measures without `fit` (a sampling experiment)
         if self.mode == "train":
             self.summary({k: v for k, v in metrics.items()}, status=status)
         return path
