@@ -89,8 +89,8 @@ def main() -> None:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"size": a.size, "variant": size.variant, "recipe": a.recipe, "batch": a.batch, "tgt_len": a.tgt_len,
-                      "mem_len": a.mem_len, "device": str(device), "amp": a.amp, "params": count_parameters(model),
+    print(json.dumps({"size": a.size, "variant": size.variant, "recipe": a.recipe, "batch": a.batch,
+                      "tgt_len": a.tgt_len, "mem_len": a.mem_len, "device": str(device), "amp": a.amp, "params": count_parameters(model),
                       "step_s": sum(times) / len(times), "peak_gb": round(peak, 3),
                       "loss": float(loss.detach()), "nstep": float(info["nstep"].float().mean())}))
 

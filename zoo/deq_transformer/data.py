@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from zoo.common.data import MissingDataError, require_files
+from zoo.common import MissingDataError, require_files
 
 EOS = "<eos>"
 SPLITS = ("train", "valid", "test")

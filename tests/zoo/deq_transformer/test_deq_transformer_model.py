@@ -92,6 +92,10 @@ def test_paper_size_parameter_counts_on_the_meta_device():
     assert count_parameters(model.func) == 69_632_400              # f_theta 69.6M
     assert model.crit.out_layers[3].weight is model.word_emb.emb_layers[3].weight
     assert model.word_emb.emb_layers[2].weight.shape == (160000, 43)
+    with torch.device("meta"):
+        seq = DEQTransformerLM("deq_seq", WT103_VOCAB, WT103_CUTOFFS, deq={"norm_type": "weight_norm"})
+    assert count_parameters(seq.func) == 69_753_000 and round(reference_count(seq) / 1e6) == 98   # deq-seq: 98M
+    assert seq.inject_conv.weight.shape == (2100, 700, 1)
 
 
 def _step(model, deq_cfg=None, step=0):
