@@ -12,7 +12,9 @@ diagonal entry: relative to the history's scale (TorchDEQ's lam is absolute, so 
 dominates once the residuals are small); a failed or non-finite solve falls back to the
 plain fixed-point step for that sample. The Gram matrix is kept up to date one row per step (O(m B D)
 instead of recomputing O(m^2 B D)), and states in float16/bfloat16 are iterated in float32
-(only `func` sees the state dtype), so the least-squares solve runs in float32.
+(only `func` sees the state dtype), so the least-squares solve runs in float32. Complex
+states (complex64/complex128) use the Hermitian Gram matrix G_ij = g_i^H g_j, and the
+weights are complex.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from .problem import FixedPointProblem, check_tau
 from .registry import register_solver
 from . import workspace
-from .stat import finite_on_host, host_solve, row_mix, solves_on_host
+from .stat import finite_on_host, host_solve, real_dtype, row_mix, solves_on_host
 
 __all__ = ["anderson"]
 
@@ -51,50 +53,62 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
     p.differentiable = False
     tracker = p.tracker()
-    sdt, wdt, want = p.stat_dtype, p.work_dtype, p.want
-    low_precision = wdt != p.dtype
+    wdt = p.work_dtype
     captured = p.start_captures(p.z0)
 
     batch, dim = p.z0.shape
     device = p.z0.device
     key = ("anderson", m, lam, batch, dim, wdt, device, p.sync_free)
-    with workspace.reuse(key, _History.nbytes(m, batch, dim, wdt), device,
-                         lambda: (_History(m, batch, dim, wdt, device, p.sync_free),
-                                  _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free))
-                         ) as (ring, mixer):
-        iterate_memory = ring.iterates_address
-        x = p.z0.to(wdt)
-        for k in range(1, p.max_iter + 1):
-            if k > 1:
-                n = min(k - 1, m)
-                alpha = mixer.weights(n, (k - 2) % m)
-                x_mix = ring.mix(alpha, k % 2)
-                if tau != 1.0:
-                    x_mix = x_mix.add_(ring.mix(alpha, None, residuals=True), alpha=tau - 1.0)
-                x = tracker.freeze(x_mix, x)
-            if low_precision:
-                x_state = x.to(p.dtype)
-                fx_state = p.call(x_state, tracker)
-                x = x_state.to(wdt)
-                fx = fx_state.to(wdt)
-            else:
-                fx_state = fx = p.call(x, tracker)
-                if iterate_memory and fx.untyped_storage().data_ptr() == iterate_memory:
-                    # func returned (a view of) its input, an iterate buffer: the tracker
-                    # may keep fx as the best state, so it must not be overwritten later
-                    fx_state = fx = fx.clone()
-            slot = (k - 1) % m
-            dots = ring.store(slot, fx, x, min(k, m))
-            mixer.add(slot, dots)
-            # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
-            tracker.observe(k, fx_state, dots.select(2, slot),
-                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt,
-                                                     out=tracker.outputs(k)[1]), squared=True)
-            if k in want:
-                captured[k] = tracker.best
-            if tracker.done:
-                break
+
+    def build():
+        return (_History(m, batch, dim, wdt, device, p.sync_free),
+                _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free))
+
+    if p.traced:  # no `with` around the loop: dynamo cannot resume a graph break inside one
+        _iterate(p, tracker, captured, *build(), m, tau)
+    else:
+        with workspace.reuse(key, _History.nbytes(m, batch, dim, wdt), device, build) as kept:
+            _iterate(p, tracker, captured, *kept, m, tau)
     return p.result(tracker, captured)
+
+
+def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_History", mixer: "_Mixer",
+             m: int, tau: float) -> None:
+    """Anderson's loop: feeds `tracker` and `captured` (states at `indexing`)."""
+    sdt, wdt, want = p.norm_dtype, p.work_dtype, p.want
+    low_precision = wdt != p.dtype
+    iterate_memory = ring.iterates_address
+    x = p.z0.to(wdt)
+    for k in range(1, p.max_iter + 1):
+        if k > 1:
+            n = min(k - 1, m)
+            alpha = mixer.weights(n, (k - 2) % m)
+            x_mix = ring.mix(alpha, k % 2)
+            if tau != 1.0:
+                x_mix = x_mix.add_(ring.mix(alpha, None, residuals=True), alpha=tau - 1.0)
+            x = tracker.freeze(x_mix, x)
+        if low_precision:
+            x_state = x.to(p.dtype)
+            fx_state = p.call(x_state, tracker)
+            x = x_state.to(wdt)
+            fx = fx_state.to(wdt)
+        else:
+            fx_state = fx = p.call(x, tracker)
+            if iterate_memory and fx.untyped_storage().data_ptr() == iterate_memory:
+                # func returned (a view of) its input, an iterate buffer: the tracker
+                # may keep fx as the best state, so it must not be overwritten later
+                fx_state = fx = fx.clone()
+        slot = (k - 1) % m
+        dots = ring.store(slot, fx, x, min(k, m))
+        mixer.add(slot, dots)
+        # ||g||^2 is the new diagonal entry of the Gram matrix: no separate pass over g.
+        tracker.observe(k, fx_state, dots.select(2, slot).real,
+                        torch.linalg.vector_norm(fx, dim=1, dtype=sdt,
+                                                 out=tracker.outputs(k)[1]), squared=True)
+        if k in want:
+            captured[k] = tracker.best
+        if tracker.done:
+            break
 
 
 class _History:
@@ -161,11 +175,14 @@ class _History:
             self.f_slots[slot].copy_(fx)
             torch.sub(fx, x, out=self.g_slots[slot])
             g_row = self.g_rows[slot]
-        return torch.bmm(g_row, self.prefix("gT", n))
+        return torch.bmm(g_row.conj(), self.prefix("gT", n))  # conj: a no-op when real
 
 
 class _Mixer:
     """The regularised Gram matrix of the residual history and the mixing weights.
+
+    G_ij = g_i^H g_j (Hermitian for complex states: the row of a new entry is its dots,
+    its column their conjugates).
 
     In eager mode the Gram matrix G sits inside the bordered matrix H = [[0, 1^T], [1, G]]
     (B, m+1, m+1), whose system H [nu; alpha] = [1; 0] gives the weights summing to 1 in one LU
@@ -184,7 +201,8 @@ class _Mixer:
 
     def __init__(self, batch, m, lam, dtype, device, unrolled=False):
         self.unrolled = unrolled
-        self.floor = torch.finfo(dtype).tiny ** 0.5
+        self.floor = torch.finfo(real_dtype(dtype)).tiny ** 0.5
+        self.complex = dtype.is_complex
         const = _MixerConstants(batch, m, lam, dtype, device, self.floor)
         if unrolled:  # no border: G alone keeps the compiled graph's writes small
             self.bordered = None
@@ -213,7 +231,7 @@ class _Mixer:
         row, column, scale, shift = views
         entries = torch.addcmul(shift, dots, scale)
         row.copy_(entries)
-        column.copy_(entries)
+        column.copy_(entries.conj() if self.complex else entries)
 
     def weights(self, n: int, newest: int) -> torch.Tensor:
         """alpha (B, 1, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.
@@ -290,18 +308,20 @@ _LU_MAX_N = 8
 
 
 def _spd_solve_unrolled(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch.Tensor:
-    """Solve a x = b for a batch of small SPD matrices (B, n, n) with plain tensor ops.
+    """Solve a x = b for a batch of small SPD (or Hermitian positive definite) matrices
+    (B, n, n) with plain tensor ops.
 
     A Cholesky factorisation unrolled over the n columns, then the two triangular solves;
     a pivot below `floor` is raised to it, so the solve never fails. Capturable in CUDA
-    graphs and fusible by torch.compile (n is a Python int).
+    graphs and fusible by torch.compile (n is a Python int). (`conj` and `real` are
+    no-ops on real tensors.)
     """
     n = a.shape[-1]
     chol = torch.zeros_like(a)
     for j in range(n):
-        col = a[:, j:, j] - (chol[:, j:, :j] * chol[:, j:j + 1, :j]).sum(dim=2)
-        head = col[:, :1].clamp_min(floor)
-        chol[:, j:, j] = torch.cat((head, col[:, 1:]), dim=1) / head.sqrt()
+        col = a[:, j:, j] - (chol[:, j:, :j] * chol[:, j:j + 1, :j].conj()).sum(dim=2)
+        head = col[:, :1].real.clamp_min(floor)
+        chol[:, j:, j] = torch.cat((head.to(col.dtype), col[:, 1:]), dim=1) / head.sqrt()
     y = []
     for i in range(n):  # chol y = b
         acc = b[:, i]
@@ -309,10 +329,10 @@ def _spd_solve_unrolled(a: torch.Tensor, b: torch.Tensor, floor: float) -> torch
             acc = acc - chol[:, i, k] * y[k]
         y.append(acc / chol[:, i, i])
     x = [None] * n
-    for i in reversed(range(n)):  # chol^T x = y
+    for i in reversed(range(n)):  # chol^H x = y (its diagonal is real)
         acc = y[i]
         for k in range(i + 1, n):
-            acc = acc - chol[:, k, i] * x[k]
+            acc = acc - chol[:, k, i].conj() * x[k]
         x[i] = acc / chol[:, i, i]
     return torch.stack(x, dim=1)
 

@@ -67,7 +67,8 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
         (z, states_at_indexing, info) as `fixed_point_iter`.
     """
     p = FixedPointProblem("broyden", func, x0, max_iter, tol, stop_mode, indexing,
-                          return_final, sync_free, batch_independent, whole_state, kwargs)
+                          return_final, sync_free, batch_independent, whole_state, kwargs,
+                          complex_ok=False)
     if LBFGS_thres is not None:
         m = LBFGS_thres
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -75,41 +76,51 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
     p.differentiable = False
     tracker = p.tracker()
-    sdt, wdt, want = p.stat_dtype, p.work_dtype, p.want
-    low_precision = wdt != p.dtype
+    wdt = p.work_dtype
     captured = p.start_captures(p.z0)
 
     batch, dim = p.z0.shape
     device = p.z0.device
-    with workspace.reuse(("broyden", m, batch, dim, wdt, device), _PairRing.nbytes(m, batch, dim, wdt),
-                         device, lambda: _PairRing(m, batch, dim, wdt, device)) as ring:
-        ring.start(p.sync_free)
-        x = p.z0.to(wdt)
-        x_prev = fx_prev = step = None
-        for k in range(1, p.max_iter + 1):
-            if step is not None:
-                x = tracker.freeze(x + step, x)  # a new tensor: the tracker may keep it as best
-            if low_precision:
-                x_state = x.to(p.dtype)
-                x = x_state.to(wdt)
-                fx = p.call(x_state, tracker).to(wdt)
-            else:
-                x_state = x
-                fx = p.call(x, tracker)
-            g = ring.residual(fx, x)
-            abs_out, norm_out = tracker.outputs(k)
-            tracker.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=sdt, out=abs_out),
-                            torch.linalg.vector_norm(fx, dim=1, dtype=sdt, out=norm_out))
-            if k in want:
-                captured[k] = tracker.best
-            if tracker.done or k == p.max_iter:
-                break
-            if x_prev is None:
-                step = g  # no pairs yet: B = -I, a plain fixed-point step (and s of pair 0)
-            else:
-                step = ring.add_and_step(fx, fx_prev, (x, x_prev) if low_precision else None)
-            x_prev, fx_prev = x, fx
+    build = lambda: _PairRing(m, batch, dim, wdt, device)  # noqa: E731
+    if p.traced:  # no `with` around the loop: dynamo cannot resume a graph break inside one
+        _iterate(p, tracker, captured, build())
+    else:
+        with workspace.reuse(("broyden", m, batch, dim, wdt, device),
+                             _PairRing.nbytes(m, batch, dim, wdt), device, build) as ring:
+            _iterate(p, tracker, captured, ring)
     return p.result(tracker, captured)
+
+
+def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_PairRing") -> None:
+    """Broyden's loop: feeds `tracker` and `captured` (states at `indexing`)."""
+    sdt, wdt, want = p.norm_dtype, p.work_dtype, p.want
+    low_precision = wdt != p.dtype
+    ring.start(p.sync_free)
+    x = p.z0.to(wdt)
+    x_prev = fx_prev = step = None
+    for k in range(1, p.max_iter + 1):
+        if step is not None:
+            x = tracker.freeze(x + step, x)  # a new tensor: the tracker may keep it as best
+        if low_precision:
+            x_state = x.to(p.dtype)
+            x = x_state.to(wdt)
+            fx = p.call(x_state, tracker).to(wdt)
+        else:
+            x_state = x
+            fx = p.call(x, tracker)
+        g = ring.residual(fx, x)
+        abs_out, norm_out = tracker.outputs(k)
+        tracker.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=sdt, out=abs_out),
+                        torch.linalg.vector_norm(fx, dim=1, dtype=sdt, out=norm_out))
+        if k in want:
+            captured[k] = tracker.best
+        if tracker.done or k == p.max_iter:
+            break
+        if x_prev is None:
+            step = g  # no pairs yet: B = -I, a plain fixed-point step (and s of pair 0)
+        else:
+            step = ring.add_and_step(fx, fx_prev, (x, x_prev) if low_precision else None)
+        x_prev, fx_prev = x, fx
 
 
 class _PairRing:

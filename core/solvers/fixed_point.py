@@ -29,8 +29,15 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
         indexing: step numbers at which to return the best state so far.
         return_final: run all steps and return the last state instead of the best.
         tau: damping (> 0); 1 is plain iteration.
-        sync_free: no host synchronisation (fixed `max_iter` steps, masks), compile-able.
-        batch_independent: eager only: converged samples leave later `func` calls, so
+        sync_free: no host synchronisation (fixed `max_iter` steps, masks), compile-able;
+            under torch.compile / torch.export it is on by itself.
+        check_every: with sync_free in eager mode, read on the host every `check_every`
+            steps whether a sample is still active and stop if none is; 0 or None: never
+            (the whole budget, as CUDA graphs need). Under torch.compile (no autograd)
+            fixed_point_iter stops when converged, in a `torch.while_loop`, unless
+            check_every=0; None means: on CPU yes, on other devices the whole budget.
+        batch_independent: eager only (masking under torch.compile, with a warning):
+            converged samples leave later `func` calls, so
             `func` must treat rows independently; if it has a `rows` keyword it is given
             the indices (into x0's batch) of the rows it receives, else it must not depend
             on a row's position (no per-sample tensors captured by a closure).
@@ -44,11 +51,12 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
                           return_final, sync_free, batch_independent, whole_state, kwargs)
     check_tau("fixed_point_iter", tau)
     tracker = p.tracker()
-    sdt, want = p.stat_dtype, p.want
+    sdt, want = p.norm_dtype, p.want
     captured = p.start_captures(p.z0)
     z = p.z0
     z_next = None
-    for k in range(1, p.max_iter + 1):
+    peel = p.early_exit_loop  # step 1 here (it may set dropout masks), the rest in a while loop
+    for k in range(1, (min(p.max_iter, 1) if peel else p.max_iter) + 1):
         if z_next is not None:
             z = tracker.freeze(z_next, z)
         fz = p.call(z, tracker)
@@ -61,7 +69,53 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
             captured[k] = tracker.best
         if tracker.done:
             break
+    if peel and p.max_iter > 1:
+        z = tracker.freeze(z_next, z)
+        tracker, nfe = _while_converging(p, tracker, captured, z, tau)
+        return p.result(tracker, captured, nfe)
     return p.result(tracker, captured)
+
+
+def _while_converging(p: FixedPointProblem, tracker, captured: dict, z, tau):
+    """Steps 2..max_iter as one `torch.while_loop` that stops when no sample is active:
+    the early exit of a compiled solve (a host check in the loop would break the graph).
+    `z` is the iterate of step 2; the tracker and `captured` hold step 1's results.
+    Returns a new tracker holding the last step's results (dynamo drops attributes set
+    after a while loop on an object made before it) and the number of calls (a tensor)."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    sdt = p.norm_dtype
+    later = [i for i in p.indexing if i >= 2]
+    taken = tuple(tracker.best.clone() for _ in later)  # the states at `indexing` so far
+    seen = tuple(torch.zeros((), dtype=torch.bool, device=z.device) for _ in later)
+
+    def running(k, z, *carried):
+        return (k < p.max_iter) & carried[4].any()  # carried[4]: `active`
+
+    def step(k, z, *carried):
+        tensors, caps, flags = (carried[:len(tracker.CARRIED)],
+                                carried[len(tracker.CARRIED):][:len(later)],
+                                carried[len(tracker.CARRIED) + len(later):])
+        k = k + 1
+        t = tracker.replica(tensors, k)
+        fz = p.call_pure(z)
+        diff = fz - z
+        z_next = fz if tau == 1.0 else torch.add(z, diff, alpha=tau)
+        t.observe(k, z_next, torch.linalg.vector_norm(diff, dim=1, dtype=sdt),
+                  torch.linalg.vector_norm(fz, dim=1, dtype=sdt))
+        hit = [k == i for i in later]
+        caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
+        flags = tuple(f | h for f, h in zip(flags, hit))
+        return (k, t.freeze(z_next, z), *t.carry(), *caps, *flags)
+
+    one = torch.ones((), dtype=torch.long, device=z.device)
+    out = while_loop(running, step, (one, z.clone(), *[t.clone() for t in tracker.carry()],
+                                     *taken, *seen))
+    k, n = out[0], len(tracker.CARRIED)
+    final = tracker.replica(out[2:2 + n], k)
+    for i, cap, flag in zip(later, out[2 + n:2 + n + len(later)], out[2 + n + len(later):]):
+        captured[i] = torch.where(flag, cap, final.best)
+    return final, k  # one call per step
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
@@ -71,7 +125,7 @@ def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", in
 
     The cheapest solver: no residuals, no best-state tracking, no host synchronisation,
     and a tuple/list state is never packed into a matrix. `tol`, `stop_mode`,
-    `return_final`, `sync_free` and `batch_independent` are accepted (so configs can switch
+    `return_final`, `sync_free`, `batch_independent` and `check_every` are accepted (so configs can switch
     solvers) and have no effect. `info` reports the residual of the last step
     (`solver_stat_from_final_step`, traces of one column, `nstep` = max_iter), plus `nfe`
     and `n_fallback` = 0. `states_at_indexing` holds the state after each listed step.
@@ -98,7 +152,7 @@ def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", in
                                            layout.flatten(fz, what="z"), p.max_iter)
     else:
         info = solver_stat_from_final_step(z, fz, p.max_iter)
-    info["nfe"] = p.max_iter
+    info["nfe"] = torch.full((), p.max_iter, dtype=torch.long, device=p.z0.device)
     info["n_fallback"] = torch.zeros((), dtype=torch.long, device=p.z0.device)
     states = [captured.get(i, fz) for i in p.indexing]
     return fz, states, info

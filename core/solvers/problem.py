@@ -6,6 +6,14 @@ common arguments (ValueError saying what to change), rejects unknown keywords (s
 wraps `func` so the solver calls it on rows. The wrapper checks that `func` keeps the
 state's structure, shape and dtype, counts calls, and with `batch_independent` passes
 only the active rows to `func`.
+
+Under torch.compile / torch.export (`core.utils.tracing`) every solve takes the sync-free
+path by itself (eager bookkeeping on the host cannot be traced), `batch_independent`
+falls back to masking (with one warning). A host check for convergence would be a graph
+break inside the solver's loop, from which dynamo cannot resume (it then runs the loop
+eagerly and compiles its helpers one by one), so a compiled fixed-point iteration stops
+in a `torch.while_loop` (`early_exit_loop`: on CPU by default, `check_every=0` turns it
+off, not under autograd), and the other compiled solves run their whole budget.
 """
 from __future__ import annotations
 
@@ -13,12 +21,18 @@ import inspect
 
 import torch
 
+from core.utils import tracing
 from core.utils.flatten import StateLayout
 
 from .registry import check_options
-from .stat import ConvergenceTracker, SyncFreeTracker, stat_dtype
+from .stat import ConvergenceTracker, SyncFreeTracker, norm_dtype, stat_dtype
 
 __all__ = ["FixedPointProblem", "check_tau"]
+
+
+def x0_device(x0) -> torch.device:
+    """The device of a state (a tensor or a tuple/list of tensors)."""
+    return x0.device if torch.is_tensor(x0) else x0[0].device
 
 
 def _accepts_rows(func) -> bool:
@@ -37,10 +51,12 @@ class FixedPointProblem:
     Attributes: `layout` (how the state packs into rows), `z0` (B, D) packed initial state
     in the state dtype, `work_dtype` (float32 for float16/bfloat16 states so that solver
     algebra runs in float32, else the state dtype), and the common options.
+    `complex_ok=False` makes a complex state an error naming the solvers that take one.
     """
 
     def __init__(self, name: str, func, x0, max_iter, tol, stop_mode, indexing, return_final,
-                 sync_free, batch_independent, whole_state, extra: dict):
+                 sync_free, batch_independent, whole_state, extra: dict, complex_ok: bool = True):
+        check_every = extra.pop("check_every", None)
         check_options(name, extra)
         if not callable(func):
             raise ValueError(f"{name}: func must be callable, got {type(func).__name__}")
@@ -60,6 +76,26 @@ class FixedPointProblem:
             raise ValueError(
                 f"{name}: sync_free=True needs static shapes and batch_independent=True drops "
                 "rows; set one of them to False")
+        if check_every is not None and (isinstance(check_every, bool)
+                                        or not isinstance(check_every, int) or check_every < 0):
+            raise ValueError(f"{name}: check_every must be None or an int >= 0 (0: never check, "
+                             f"run the whole budget), got {check_every!r}")
+        self.traced = tracing.tracing()
+        if self.traced:
+            if batch_independent:
+                tracing.warn(f"{name}: batch_independent=True drops rows, which a compiled "
+                             "graph cannot; under torch.compile converged samples are masked")
+            sync_free, batch_independent = True, False
+            if check_every is None:  # CPU: stop when converged; elsewhere (CUDA graphs): budget
+                check_every = 1 if x0_device(x0).type == "cpu" else 0
+            # fixed_point_iter stops with a torch.while_loop (no autograd through it);
+            # the other solvers, and solves under autograd, run their whole budget
+            self.early_exit_loop = (check_every > 0 and not torch.is_grad_enabled()
+                                    and name == "fixed_point_iter" and not return_final)
+            check_every = 0
+        else:
+            self.early_exit_loop = False
+        self.check_every = check_every or 0
         self.name = name
         self.func = func
         self.max_iter = max_iter
@@ -73,10 +109,15 @@ class FixedPointProblem:
         self.layout = StateLayout.of(x0, whole_state=bool(whole_state))
         self.z0 = self.layout.flatten(x0, what="x0")
         self.dtype = self.z0.dtype
-        if not self.dtype.is_floating_point:
-            raise ValueError(f"{name}: x0 must be floating point, got {self.dtype}")
+        if self.dtype.is_complex and not complex_ok:
+            raise ValueError(
+                f"{name} does not solve complex states (x0 is {self.dtype}); use "
+                "fixed_point_iter, simple_fixed_point_iter or anderson")
+        if not (self.dtype.is_floating_point or self.dtype.is_complex):
+            raise ValueError(f"{name}: x0 must be floating point or complex, got {self.dtype}")
         self.work_dtype = torch.float32 if self.dtype in _LOW_PRECISION else self.dtype
-        self.stat_dtype = stat_dtype(self.dtype)
+        self.stat_dtype = stat_dtype(self.dtype)  # real, for residuals and traces
+        self.norm_dtype = norm_dtype(self.dtype)  # `vector_norm(dtype=)`: complex for complex
         self.want = frozenset(self.indexing)  # steps whose best state is captured
         self.nfe = 0
         # False for solvers that write func's outputs into buffers in place (Anderson
@@ -89,8 +130,11 @@ class FixedPointProblem:
 
     def tracker(self) -> ConvergenceTracker | SyncFreeTracker:
         """A fresh tracker for this problem's statistics, best state and early exit."""
-        kind = SyncFreeTracker if self.sync_free else ConvergenceTracker
-        return kind(self.z0, self.max_iter, self.tol, self.stop_mode, self.return_final)
+        if self.sync_free:
+            return SyncFreeTracker(self.z0, self.max_iter, self.tol, self.stop_mode,
+                                   self.return_final, check_every=self.check_every)
+        return ConvergenceTracker(self.z0, self.max_iter, self.tol, self.stop_mode,
+                                  self.return_final)
 
     def call(self, z: torch.Tensor, tracker: ConvergenceTracker | None = None) -> torch.Tensor:
         """func on the rows of z (B, D), in the state dtype; returns f(z) as (B, D).
@@ -109,6 +153,12 @@ class FixedPointProblem:
             return out
         return self._call_rows(z, None)
 
+    def call_pure(self, z: torch.Tensor) -> torch.Tensor:
+        """func on all rows of z, changing nothing here (no call count): for the body of a
+        `torch.while_loop`, which may not change outside objects."""
+        out = self.func(self.layout.unflatten(z))
+        return self.layout.flatten(out, rows=z.shape[0], what=f"{self.name}: func")
+
     def _call_rows(self, z: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         state = self.layout.unflatten(z)
         out = self.func(state, rows=rows) if self.pass_rows else self.func(state)
@@ -125,9 +175,10 @@ class FixedPointProblem:
         """A (B, D) matrix back into the structure of x0."""
         return self.layout.unflatten(z)
 
-    def result(self, tracker: ConvergenceTracker, captured: dict[int, torch.Tensor]):
-        """The solver's return value: (best state, states at `indexing`, info with nfe)."""
-        tracker.nfe = self.nfe
+    def result(self, tracker: ConvergenceTracker, captured: dict[int, torch.Tensor], nfe=None):
+        """The solver's return value: (best state, states at `indexing`, info with nfe:
+        the calls counted here unless `nfe` is given)."""
+        tracker.nfe = self.nfe if nfe is None else nfe
         return self.unpack(tracker.best), self.states_at(captured, tracker.best), tracker.info()
 
     def states_at(self, captured: dict[int, torch.Tensor], final: torch.Tensor) -> list:

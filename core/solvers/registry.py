@@ -16,7 +16,7 @@ __all__ = ["get_solver", "register_solver", "solver_options", "check_options"]
 # Arguments of the common signature and our extra flags; every solver accepts these.
 COMMON_OPTIONS = frozenset({
     "max_iter", "tol", "stop_mode", "indexing", "return_final",
-    "sync_free", "batch_independent", "whole_state",
+    "sync_free", "batch_independent", "whole_state", "check_every",
 })
 
 _SOLVERS: dict[str, Callable] = {}

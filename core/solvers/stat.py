@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 __all__ = ["SolverStat", "ConvergenceTracker", "SyncFreeTracker", "solver_stat_from_final_step",
-           "residuals"]
+           "residuals", "real_dtype", "norm_dtype"]
 
 INIT_RESIDUAL = 1e8
 DIVERGENCE_FACTOR = 1e3
@@ -45,8 +45,9 @@ class SolverStat(dict):
     """A dict of solver statistics; missing TorchDEQ keys default to TorchDEQ's -1 tensors.
 
     Keys: `abs_lowest`, `rel_lowest`, `nstep` (B,); `abs_trace`, `rel_trace` (B, N);
-    `sradius` (set by the DEQ module); ours: `nfe` (int, number of `func` calls) and
-    `n_fallback` (0-dim tensor, samples frozen by the safety net).
+    `sradius` (set by the DEQ module); ours: `nfe` (number of `func` calls) and
+    `n_fallback` (samples frozen by the safety net), 0-dim int64 tensors: every value is a
+    tensor, as in TorchDEQ.
     """
 
     def __init__(self, *args, **kwargs):
@@ -59,9 +60,26 @@ class SolverStat(dict):
                 self[key] = torch.from_numpy(np.full((1, 1), -1.0, dtype=np.float32))
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics dtype: float64 for float64 states, float32 otherwise (as TorchDEQ)."""
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The `dtype=` of the residual norms: float64 / complex128 for 64-bit states, float32 /
+    complex64 otherwise (`vector_norm` wants a complex dtype for a complex input)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics dtype: float64 for float64 (and complex128) states, float32 otherwise (as
+    TorchDEQ); always real."""
+    return real_dtype(norm_dtype(dtype))
+
+
+_REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32,
+         torch.complex128: torch.float64}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real counterpart of a complex dtype; a real dtype itself. (`dtype.to_real()`,
+    which dynamo cannot trace.)"""
+    return _REAL.get(dtype, dtype)
 
 
 def finite_on_host(t: torch.Tensor) -> bool:
@@ -88,8 +106,10 @@ HOST_SOLVE_MAX_BATCH = 64
 
 def solves_on_host(t: torch.Tensor) -> bool:
     """Whether the small systems in `t` (B, n, n), a CPU tensor outside autograd, go to
-    `host_solve` (numpy shares its memory): batches up to `HOST_SOLVE_MAX_BATCH`."""
-    return t.device.type == "cpu" and t.shape[0] <= HOST_SOLVE_MAX_BATCH and not t.requires_grad
+    `host_solve` (numpy shares its memory): batches up to `HOST_SOLVE_MAX_BATCH`, never
+    under torch.compile (dynamo would trace numpy as functional ops on a copy)."""
+    return (t.device.type == "cpu" and t.shape[0] <= HOST_SOLVE_MAX_BATCH and not t.requires_grad
+            and not torch.compiler.is_compiling())
 
 
 def host_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -103,7 +123,8 @@ def host_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
 
 
 def residuals(fz: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype):
-    """Per-row absolute ||diff|| and relative ||diff|| / (||fz|| + 1e-9), in `dtype`."""
+    """Per-row absolute ||diff|| and relative ||diff|| / (||fz|| + 1e-9), computed in `dtype`
+    (a `norm_dtype`; the results are real)."""
     abs_res = torch.linalg.vector_norm(diff, dim=1, dtype=dtype)
     rel_res = abs_res / (torch.linalg.vector_norm(fz, dim=1, dtype=dtype) + REL_EPS)
     return abs_res, rel_res
@@ -142,7 +163,7 @@ def solver_stat_from_final_step(z, fz, nstep=0) -> SolverStat:
         fz = torch.cat([t.flatten(start_dim=1) for t in fz], dim=1)
     z2 = z.flatten(start_dim=1) if z.dim() >= 2 else z.reshape(z.numel(), 1)
     fz2 = fz.flatten(start_dim=1) if fz.dim() >= 2 else fz.reshape(fz.numel(), 1)
-    abs_res, rel_res = residuals(fz2, fz2 - z2, stat_dtype(z2.dtype))
+    abs_res, rel_res = residuals(fz2, fz2 - z2, norm_dtype(z2.dtype))
     return SolverStat(
         abs_lowest=abs_res,
         rel_lowest=rel_res,
@@ -324,12 +345,14 @@ class ConvergenceTracker:
         parts = (residual[-1, 0], residual[-1, 1], residual[:-1, 0].T,
                  residual[:-1, 1].T, self.lowest_step)  # numpy views: no tensor ops
         parts = [torch.from_numpy(part) for part in parts]
-        parts.append(torch.from_numpy(np.asarray(np.count_nonzero(self.caught), dtype=np.int64)))
+        parts.append(torch.from_numpy(np.array([np.count_nonzero(self.caught), self.nfe],
+                                               dtype=np.int64)))
         if self.device.type != "cpu":
             parts = [part.to(self.device) for part in parts]
+        n_fallback, nfe = parts[5].unbind(0)
         return SolverStat(
             abs_lowest=parts[0], rel_lowest=parts[1], abs_trace=parts[2], rel_trace=parts[3],
-            nstep=parts[4], nfe=self.nfe, n_fallback=parts[5],
+            nstep=parts[4], nfe=nfe, n_fallback=n_fallback,
         )
 
 
@@ -337,15 +360,16 @@ class SyncFreeTracker:
     """`ConvergenceTracker` without host synchronisation, for sync-free solves.
 
     Everything stays on the state's device; masks apply with `torch.where` and shapes are
-    static. `done` and `all_active` are always False, so the solver runs all `max_iter`
-    steps.
+    static. `all_active` is always False; `done` is False too, so the solver runs all
+    `max_iter` steps, unless `check_every` > 0: then every `check_every` steps `done`
+    reads on the host whether any sample is still active (one synchronisation; eager
+    sync-free solves only), and a finished solve pads its traces as the eager tracker does.
     """
 
-    done = False
     all_active = False
 
     def __init__(self, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
-                 return_final: bool = False):
+                 return_final: bool = False, check_every: int = 0):
         batch = z0.shape[0]
         sdt = stat_dtype(z0.dtype)
         device = z0.device
@@ -363,6 +387,15 @@ class SyncFreeTracker:
         self.limit = None
         self.steps = 0
         self.nfe = 0
+        self.max_iter = max_iter
+        self.check_every = check_every if not return_final else 0
+
+    @property
+    def done(self) -> bool:
+        """False, except at a check step (every `check_every`) with no sample active."""
+        if not self.check_every or self.steps % self.check_every:
+            return False
+        return not bool(self.active.any())
 
     def freeze(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """`new` for active rows, `old` for stopped ones."""
@@ -373,9 +406,35 @@ class SyncFreeTracker:
         """No preset outputs: the step's norms are new tensors."""
         return None, None
 
-    def observe(self, k: int, state: torch.Tensor, abs_res: torch.Tensor,
+    # The tensors a `torch.while_loop` carries from one step to the next (`carry`/`load`);
+    # `limit`, fixed after step 1, is read by the loop's body as a constant.
+    CARRIED = ("best", "lowest", "lowest_step", "trace", "active", "caught")
+
+    def carry(self) -> tuple:
+        """The tracker's changing tensors, for a `torch.while_loop` (after step 1)."""
+        return tuple(getattr(self, name) for name in self.CARRIED)
+
+    def load(self, tensors, k) -> None:
+        """Take the tensors `carry` gave (inside or after a while loop) at step `k` (a
+        0-dim tensor)."""
+        for name, tensor in zip(self.CARRIED, tensors):
+            setattr(self, name, tensor)
+        self.steps = k
+
+    def replica(self, tensors, k) -> "SyncFreeTracker":
+        """A new tracker with this one's options and the carried `tensors` at step `k`: a
+        while loop's body may change only objects it made."""
+        twin = SyncFreeTracker.__new__(SyncFreeTracker)
+        for name in ("batch", "tol", "stop_row", "return_final", "max_iter", "check_every", "nfe",
+                     "limit"):
+            setattr(twin, name, getattr(self, name))
+        twin.load(tensors, k)
+        return twin
+
+    def observe(self, k, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
-        """Record step k, as `ConvergenceTracker.observe`."""
+        """Record step k, as `ConvergenceTracker.observe`. `k` may be a 0-dim tensor (in a
+        while loop): the trace is then updated out of place."""
         active = self.active
         abs_res, fx_norm = abs_res.reshape(-1), fx_norm.reshape(-1)
         if squared:
@@ -391,23 +450,38 @@ class SyncFreeTracker:
             improved = ok & (stop_res < self.lowest[self.stop_row])
             still_active = ok & (stop_res >= self.tol)
         new = torch.stack((abs_res, rel_res))
-        self.trace[k] = torch.where(active, new, self.lowest)
+        row = torch.where(active, new, self.lowest)
+        if torch.is_tensor(k):
+            self.trace = self.trace.index_copy(0, k.reshape(1), row.unsqueeze(0))
+            step = k.to(self.lowest_step.dtype)
+        else:
+            self.trace[k] = row
+            step = float(k)
         self.active = still_active
         self.caught = self.caught | (active & ~ok)
         self.steps = k
         self.lowest = torch.where(improved, new, self.lowest)
-        self.lowest_step = torch.where(improved, float(k), self.lowest_step)
+        self.lowest_step = torch.where(improved, step, self.lowest_step)
         self.best = torch.where(improved.unsqueeze(1), state, self.best)
 
     def info(self) -> SolverStat:
-        """The statistics of the solve (all `max_iter` steps ran: no padding)."""
-        trace = self.trace.permute(1, 2, 0)  # (2, batch, max_iter + 1)
+        """The statistics of the solve; after an early exit the traces repeat the lowest values."""
+        trace = self.trace
+        if torch.is_tensor(self.steps):  # after a while loop: pad past the last step
+            after = torch.arange(self.max_iter + 1, device=trace.device) > self.steps
+            trace = torch.where(after[:, None, None], self.lowest, trace)
+        elif self.steps < self.max_iter:
+            trace = torch.cat((trace[:self.steps + 1],
+                               self.lowest.expand(self.max_iter - self.steps, *self.lowest.shape)))
+        trace = trace.permute(1, 2, 0)  # (2, batch, max_iter + 1)
+        nfe = (self.nfe if torch.is_tensor(self.nfe)
+               else torch.full((), self.nfe, dtype=torch.long, device=self.lowest.device))
         return SolverStat(
             abs_lowest=self.lowest[0],
             rel_lowest=self.lowest[1],
             abs_trace=trace[0],
             rel_trace=trace[1],
             nstep=self.lowest_step,
-            nfe=self.nfe,
+            nfe=nfe,
             n_fallback=self.caught.sum(),
         )

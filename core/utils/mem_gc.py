@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["mem_gc"]
 
@@ -89,8 +90,15 @@ def mem_gc(func: nn.Module, in_args: Optional[Sequence[Any]] = None, preserve_rn
     tensor f reads (the injection x) as an argument, not through a closure. Returns what
     `func` returns (a tensor or a tuple of tensors). `preserve_rng_state=False` saves
     the RNG bookkeeping when f draws no random numbers (variational dropout keeps its
-    mask, so a DEQ cell usually does not).
+    mask, so a DEQ cell usually does not). Under torch.compile it is
+    `torch.utils.checkpoint.checkpoint(func, *in_args, use_reentrant=False)`, which dynamo
+    captures (same gradients; a tensor in a closure gets its gradient there too).
     """
     in_args = tuple(in_args or ())
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace a backward that calls autograd.grad; its own checkpoint
+        # operator recomputes f the same way (inputs kept, f rerun in backward)
+        return checkpoint(func, *in_args, use_reentrant=False,
+                          preserve_rng_state=preserve_rng_state)
     params = _module_params(func)
     return _GradCheckpoint.apply(func, preserve_rng_state, len(in_args), *in_args, *params)

@@ -151,3 +151,55 @@ def test_jac_reg_gradient_through_an_ift_deq_output_matches_finite_differences()
         step[i, j] = eps
         fd = (loss(W.detach() + step).item() - loss(W.detach() - step).item()) / (2 * eps)
         assert abs(grad[i, j].item() - fd) < 1e-8
+
+
+def _with_eigenvalues(blocks, rest, gen):
+    """A random real matrix similar to block-diag(blocks, diag(rest)) (a non-normal basis)."""
+    dense = torch.block_diag(*blocks, torch.diag(rest))
+    basis = torch.randn(dense.shape[0], dense.shape[0], generator=gen, dtype=torch.float64)
+    basis = basis + 3 * torch.eye(dense.shape[0], dtype=torch.float64)  # well conditioned
+    return basis @ dense @ torch.linalg.inv(basis)
+
+
+def test_power_method_finds_a_complex_or_negative_dominant_pair_at_its_default_budget():
+    # Power iteration on v alone oscillates between the two dominant directions here
+    # (TorchDEQ's estimate of the first sample came out at 0.35-0.9 depending on v).
+    gen = torch.Generator().manual_seed(1)
+    rest = torch.rand(28, generator=gen, dtype=torch.float64) * 1.2 - 0.6
+    angle = torch.tensor(2.0, dtype=torch.float64)
+    rotation = 0.9 * torch.stack([torch.stack([angle.cos(), -angle.sin()]),
+                                  torch.stack([angle.sin(), angle.cos()])])
+    mats = [_with_eigenvalues([rotation], rest, gen),  # 0.9 e^{+-2i}
+            _with_eigenvalues([torch.diag(torch.tensor([-0.8, 0.8], dtype=torch.float64))], rest, gen),
+            _with_eigenvalues([torch.diag(torch.tensor([-0.95, 0.3], dtype=torch.float64))], rest, gen)]
+    A = torch.stack(mats)
+    dense = torch.linalg.eigvals(A).abs().max(dim=1).values
+    assert torch.allclose(dense, torch.tensor([0.9, 0.8, 0.95], dtype=torch.float64))
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(0)
+        z0 = torch.randn(3, 30, dtype=dtype, requires_grad=True)
+        f0 = torch.einsum("bij,bj->bi", A.to(dtype), z0)
+        vec, radius = power_method(f0, z0)
+        assert (radius.double() - dense).abs().max() < 1e-2, (dtype, radius)
+        assert vec.shape == z0.shape and radius.dtype == dtype
+        # the vector lies in a dominant invariant plane of J^T = A^T (the products are VJPs):
+        # v, A^T v and A^T A^T v are linearly dependent
+        v, At = vec.detach().double(), A.transpose(1, 2)
+        krylov = torch.stack([v, torch.einsum("bij,bj->bi", At, v),
+                              torch.einsum("bij,bj->bi", At, torch.einsum("bij,bj->bi", At, v))], 2)
+        s = torch.linalg.svdvals(krylov)
+        assert (s[:, 2] / s[:, 0]).max() < 1e-2
+
+
+def test_power_method_of_a_tuple_state_and_budget_smaller_than_a_cycle():
+    gen = torch.Generator().manual_seed(2)
+    A = torch.randn(2, 7, 7, generator=gen, dtype=torch.float64) / 3
+    dense = torch.linalg.eigvals(A).abs().max(dim=1).values
+    z0 = torch.randn(2, 7, dtype=torch.float64)
+    za, zb = z0[:, :3].clone().requires_grad_(), z0[:, 3:].clone().requires_grad_()
+    f = torch.einsum("bij,bj->bi", A, torch.cat([za, zb], 1))
+    vec, radius = power_method((f[:, :3], f[:, 3:]), (za, zb))
+    assert [t.shape for t in vec] == [za.shape, zb.shape]
+    assert torch.allclose(radius, dense, atol=1e-6)  # 7 x 7: the Krylov space is all of R^7
+    _, rough = power_method((f[:, :3], f[:, 3:]), (za, zb), n_iters=3)
+    assert rough.shape == (2,) and torch.isfinite(rough).all()
