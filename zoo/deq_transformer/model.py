@@ -311,12 +311,11 @@ class DEQTransformerLM(nn.Module):
         d = size.d_model
         self.word_emb = AdaptiveEmbedding(n_token, d, d, cutoffs, size.div_val)
         self.pos_emb = PositionalEmbedding(d)
-        inject = Conv1x1 if size.variant == "seq" else nn.Linear
         inject_dim = 3 * size.n_head * size.d_head
-        if size.variant == "seq":
-            self.inject_conv = inject(d, inject_dim)
+        if size.variant == "seq":   # upstream's names: deq-seq's inject_conv, deq-lm's injection
+            self.inject_conv = Conv1x1(d, inject_dim)
         else:
-            self.injection = inject(d, inject_dim)
+            self.injection = nn.Linear(d, inject_dim)
         self.func = DEQFunc(size, dropout, dropatt)
         self.iodrop = VariationalDropout1d(dropout)       # one mask per sequence over channels
         self.pos_drop = VariationalDropout1d(dropout)
