@@ -81,10 +81,10 @@ def read_articles(dump: str | Path | None = None) -> List[tuple[str, List[List[s
     """(title, token lines) of every non-redirect article of the gensim dump, in dump order."""
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    if dump is None:
-        from gensim.test.utils import datapath
+    if dump is None:  # gensim.test.utils.datapath, without that module's import-time corpus building
+        import gensim
 
-        dump = datapath(DUMP_NAME)
+        dump = Path(gensim.__file__).parent / "test" / "test_data" / DUMP_NAME
     articles = []
     with bz2.open(dump, "rb") as f:
         for title, text, _page_id in extract_pages(f, filter_namespaces=("0",)):
