@@ -29,11 +29,7 @@ TEST_TIME_KEYS = ("model.raft_eval_iters",)
 
 def evaluate(model, run) -> dict:
     """Metrics of ``run.cfg.eval.sets`` plus the zero-flow baseline, sweep and warm-start extras."""
-    cfg = run.cfg
-    if cfg.train.get("cpu_threads") and run.device.type == "cpu":
-        import torch
-
-        torch.set_num_threads(int(cfg.train.cpu_threads))
+    cfg = run.cfg  # train.cpu_threads is applied by zoo.common.Run
     # the training set is not needed (the synthetic one also brings the warm-start sequences)
     data_cfg = cfg.data if str(cfg.data.name) == "synthetic" else OmegaConf.merge(cfg.data, {"name": "none"})
     data = build_datasets(data_cfg, list(cfg.eval.sets))

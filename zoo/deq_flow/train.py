@@ -9,8 +9,9 @@ FlyingChairs-like pairs made from scikit-image pictures) and ``synthetic_raft``
 The loss is the fixed-point correction of DEQ-Flow: the masked L1 of every flow the DEQ
 returns (``deq.n_states``; RAFT: every update), weighted ``deq.gamma``^(n-k-1). With
 ``train.time_budget_min`` the step count is set from the measured time of the first
-steps, so that training takes about that long (the offline runs: DEQ-Flow and RAFT get
-the same wall time). At the end the run evaluates ``eval.sets`` (AEPE, n-px accuracy; KITTI
+steps, so that training takes about that long on ``train.budget_clock`` (``wall``, or
+``cpu``: this process's CPU time, which on a shared machine stands for the wall time of
+the same single-threaded run alone); the offline runs give DEQ-Flow and RAFT the same budget. At the end the run evaluates ``eval.sets`` (AEPE, n-px accuracy; KITTI
 AEPE and F1-all), zero flow on the same sets, the test-time iteration sweep
 (``eval.sweep``), the warm-start check on synthetic 3-frame sequences
 (``eval.warm_start_check``) and draws ``flow_examples.png``.
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from zoo.common import Run, build_optimizer, build_scheduler, zoo_main
 from zoo.common.sweep import format_sweep, residual_summary, save_sweep, sweep_rows
-from zoo.deq_flow.data import EvalSet, FlowData, build_datasets, collate_pairs, eval_sets
+from zoo.deq_flow.data import EvalSet, FlowData, build_datasets, collate_pairs
 from zoo.deq_flow.metrics import FlowMeter, flow_loss
 from zoo.deq_flow.model import DEQFlow, InputPadder, RAFTBaseline, get_size
 
@@ -49,10 +50,6 @@ def optimizer_options(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if v is not None}
 
 
-def budget_kwargs(budget: Optional[int]) -> Optional[dict]:
-    return None if budget is None else {"f_max_iter": int(budget)}
-
-
 def _merge_infos(infos: list) -> Optional[dict]:
     infos = [i for i in infos if i]
     if not infos:
@@ -69,11 +66,16 @@ def _merge_infos(infos: list) -> Optional[dict]:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, img1: torch.Tensor, img2: torch.Tensor, pad_mode: str = "sintel",
-            budget: Optional[int] = None, init: Any = None):
-    """Padded prediction cropped back: (flow (N, 2, H, W), info, state)."""
+            budget: Optional[int] = None, init: Any = None, solver_kwargs: Optional[dict] = None):
+    """Padded prediction cropped back: (flow (N, 2, H, W), info, state).
+
+    ``budget`` overrides the solver budget (``f_max_iter``), ``solver_kwargs`` the rest."""
     padder = InputPadder(img1.shape, pad_mode)
     a, b = padder.pad_(img1, img2)
-    flows, info, state = model(a, b, init=init, solver_kwargs=budget_kwargs(budget))
+    kwargs = dict(solver_kwargs or {})
+    if budget is not None:
+        kwargs["f_max_iter"] = int(budget)
+    flows, info, state = model(a, b, init=init, solver_kwargs=kwargs or None)
     return padder.unpad(flows[-1]), info, state
 
 
@@ -108,14 +110,18 @@ def zero_flow_metrics(ev: EvalSet) -> dict[str, float]:
 
 @torch.no_grad()
 def warm_start_check(model: torch.nn.Module, sequences, device: torch.device, batch_size: int,
-                     budget: Optional[int] = None) -> dict[str, float]:
-    """On 3-frame sequences: AEPE and solver steps of pair 2->3, cold vs warm from pair 1->2."""
+                     budget: int = 36, tol: float = 1e-2) -> dict[str, float]:
+    """On 3-frame sequences: AEPE and solver steps of pair 2->3, cold vs warm from pair 1->2.
+
+    Each solve stops at the relative residual `tol` (or after `budget` steps)."""
     cold, warm, steps = FlowMeter(), FlowMeter(), {"cold": [], "warm": []}
+    stop = {"f_tol": float(tol), "f_stop_mode": "rel"}
     for frames, flows, valids in DataLoader(sequences, batch_size=batch_size, shuffle=False):
         frames = frames.to(device)
-        _, _, state = predict(model, frames[:, 0], frames[:, 1], budget=budget)
+        _, _, state = predict(model, frames[:, 0], frames[:, 1], budget=budget, solver_kwargs=stop)
         for name, init, meter in (("cold", None, cold), ("warm", state, warm)):
-            pred, info, _ = predict(model, frames[:, 1], frames[:, 2], budget=budget, init=init)
+            pred, info, _ = predict(model, frames[:, 1], frames[:, 2], budget=budget, init=init,
+                                    solver_kwargs=stop)
             meter.update(pred.cpu(), flows[:, 1], valids[:, 1])
             steps[name].append(torch.as_tensor(info["nstep"]).float().flatten().cpu())
     out = {}
@@ -163,7 +169,8 @@ def final_reports(model: torch.nn.Module, data: FlowData, cfg: DictConfig, run: 
             save_sweep(rows, run.out_dir, metric="aepe", metric_label=f"{data.evals[0].name} AEPE (px)",
                        title=f"{'DEQ-Flow' if is_deq else 'RAFT'} {run.experiment} ({label})")
     if cfg.eval.get("warm_start_check") and data.sequences is not None and is_deq:
-        extra["warm_start"] = warm_start_check(model, data.sequences, run.device, int(cfg.train.eval_batch_size))
+        extra["warm_start"] = warm_start_check(model, data.sequences, run.device, int(cfg.train.eval_batch_size),
+                                               int(cfg.eval.warm_start_budget), float(cfg.eval.warm_start_tol))
     if int(cfg.eval.get("examples", 0)) > 0 and run.is_main and data.evals:
         from zoo.deq_flow.plots import flow_examples
 
@@ -196,8 +203,6 @@ def calibrate_steps(train_step, batches, budget_s: float, clock: str = "wall", p
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training; returns the final metrics."""
     with Run(cfg, project="deq_flow") as run:
-        if cfg.train.get("cpu_threads") and run.device.type == "cpu":
-            torch.set_num_threads(int(cfg.train.cpu_threads))
         data = build_datasets(cfg.data, list(cfg.eval.sets))  # a missing dataset stops here
         model = run.wrap(build_model(cfg))
         optimizer = build_optimizer(model, optimizer_options(cfg))

@@ -31,18 +31,18 @@ def test_upstream_h_checkpoint_loads_and_a_wrong_size_is_named(upstream_state_di
 
 def test_weight_norm_is_folded_or_split_to_fit_the_model(upstream_state_dict):
     sd = upstream_state_dict("B", weight_norm=True)
-    plain = load_torchdeq_checkpoint(DEQFlow("B", deq={"norm_type": "none"}), sd)
+    folded = load_torchdeq_checkpoint(DEQFlow("B", deq={"norm_type": "none"}), sd)
     v, g = sd["module.update_block.flow_head.conv1.weight_v"], sd["module.update_block.flow_head.conv1.weight_g"]
     expected = g * v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    assert torch.allclose(plain.update_block.flow_head.conv1.weight, expected)
-    # a checkpoint without weight norm into a weight-normed model: the same effective weights
-    normed = load_torchdeq_checkpoint(DEQFlow("B"), upstream_state_dict("B", weight_norm=False))
+    assert torch.allclose(folded.update_block.flow_head.conv1.weight, expected)
+    # a checkpoint without weight norm, into a weight-normed model: the same function
+    plain_sd = upstream_state_dict("B", weight_norm=False)
+    split = load_torchdeq_checkpoint(DEQFlow("B"), plain_sd).eval()
+    plain = load_torchdeq_checkpoint(DEQFlow("B", deq={"norm_type": "none"}), plain_sd).eval()
     x = (torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
-    plain2 = load_torchdeq_checkpoint(DEQFlow("B", deq={"norm_type": "none"}), upstream_state_dict("B", weight_norm=False))
-    normed.eval(), plain2.eval()
     with torch.no_grad():
-        a = normed(*x, solver_kwargs={"f_max_iter": 2})[0][-1]
-        b = plain2(*x, solver_kwargs={"f_max_iter": 2})[0][-1]
+        a = split(*x, solver_kwargs={"f_max_iter": 2})[0][-1]
+        b = plain(*x, solver_kwargs={"f_max_iter": 2})[0][-1]
     assert torch.allclose(a, b, atol=1e-4)
 
 
