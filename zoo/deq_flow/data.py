@@ -1,14 +1,15 @@
 """Datasets for DEQ-Flow: the real benchmarks under ``data.root``, and the offline pairs.
 
-``build_datasets(cfg.data)`` returns a `FlowData`: the training set (items ``(img1, img2,
-flow, valid)``, images (3, H, W) in [-1, 1]) and the evaluation sets, each with its
-metric protocol and padding mode. ``data.name``:
+``build_datasets(cfg.data, eval.sets)`` returns a `FlowData`: the training set of
+``data.name`` (items ``(img1, img2, flow, valid)``, images (3, H, W) in [-1, 1]) and the
+evaluation sets of ``eval.sets``, each with its metric protocol and padding mode.
 
-- ``synthetic`` (offline): `zoo.deq_flow.synthetic.SyntheticFlow` pairs for training, a
-  fixed validation set from ``data.val_seed``, 3-frame sequences for the warm start, and
-  the Middlebury motorcycle pair (scikit-image) as a real evaluation.
-- ``chairs`` / ``things``: the training stages (RAFT's augmentation, zoo.deq_flow.augment),
-  evaluated on Chairs val / Sintel train; ``sintel`` / ``kitti``: evaluation only.
+- ``data.name=synthetic`` (offline): `zoo.deq_flow.synthetic.SyntheticFlow` pairs, plus
+  3-frame sequences for the warm-start check; ``chairs`` / ``things``: the training
+  stages (RAFT's augmentation, zoo.deq_flow.augment); ``none``: evaluation only.
+- ``eval.sets``: ``val`` (the fixed synthetic validation set, seed ``data.val_seed``),
+  ``motorcycle`` (the Middlebury pair from scikit-image), ``chairs`` (val split),
+  ``sintel_clean`` / ``sintel_final`` (training split), ``kitti`` (2015 training split).
 
 The real sets are read by torchvision's loaders (``.flo``, ``.pfm``, KITTI 16-bit PNG) in
 their folder layouts; zoo.deq_flow.layouts also accepts the RAFT / DEQ-Flow names.
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from zoo.deq_flow.synthetic import SyntheticFlow, motorcycle_pair
 
-__all__ = ["EvalSet", "FlowData", "build_datasets", "TensorPairs"]
+__all__ = ["EvalSet", "FlowData", "build_datasets", "eval_sets", "collate_pairs", "TensorPairs"]
 
 
 @dataclass
@@ -103,11 +104,6 @@ def build_datasets(cfg: Any, sets=()) -> FlowData:
 
         train = real_train_set(cfg, name)
     return FlowData(train=train, evals=eval_sets(cfg, sets), sequences=sequences)
-
-
-def concat(datasets) -> Dataset:
-    datasets = list(datasets)
-    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 
 def collate_pairs(batch):

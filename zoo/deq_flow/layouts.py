@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from zoo.common import MissingDataError
 from zoo.deq_flow.augment import STAGE_SCALES, FlowAugmentor
@@ -143,8 +143,6 @@ def real_train_set(cfg: Any, name: str) -> Dataset:
     if name == "chairs":
         return FlowPairs(load_flow_dataset(cfg.root, "chairs", "train"), aug)
     passes = ["clean", "final"] if str(cfg.get("things_passes", "both")) == "both" else [str(cfg.things_passes)]
-    from torch.utils.data import ConcatDataset
-
     return ConcatDataset([FlowPairs(load_flow_dataset(cfg.root, "things", "train", p), aug) for p in passes])
 
 

@@ -7,7 +7,7 @@ map from frame-1 to frame-2 pixel coordinates, so the dense ground truth is exac
 ``flow(p) = T(p) - p``; frame 2 is drawn at ``T^{-1}(q)`` (the deformation is inverted by
 fixed-point iteration). Pixels whose target leaves the frame are masked out (``valid``
 0); occluded pixels keep their flow, as in FlyingChairs. With the default ranges the
-mean |flow| over valid pixels is about 5 px (`tests/zoo/deq_flow` checks 4 to 8 px).
+mean |flow| over valid pixels is about 5.8 px (`tests/zoo/deq_flow` checks 4 to 8 px).
 ``frames=3`` gives a short sequence moved by the same motion twice (flow 1->2 equals
 2->3 on the background): the warm-start check and ``eval.warm_start``.
 
