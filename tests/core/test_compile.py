@@ -1,0 +1,207 @@
+"""A DEQ model with default options under torch.compile equals eager, with no option set.
+
+Under a trace the solvers take their sync-free path by themselves (the eager host
+bookkeeping cannot be traced: fixed-point iteration crashed, Anderson returned a state
+0.087 away, Broyden recompiled on every ring slot). The default suite traces with
+`aot_eager` (the whole graph through AOTAutograd); inductor compiles C++ kernels and takes
+minutes per solver on 2 busy cores, so it is marked slow. A compiled fixed-point solve
+stops when converged (a torch.while_loop); compiled Anderson and Broyden run their whole
+budget, so their `nstep`/`nfe` differ from eager's early exit; the state and its residual
+do not.
+"""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from core import VariationalDropout, get_deq, mem_gc, reset_deq
+from core.solvers import fixed_point_iter
+
+SOLVERS = ("fixed_point_iter", "anderson", "broyden")
+
+
+class Cell(nn.Module):
+    """f(z; x) = tanh(W z + U x + b) with ||W||_2 = 0.5; a tuple state (z, y) adds
+    y <- tanh(V y + z) / 2."""
+
+    def __init__(self, dim=16, tuple_state=False, dropout=0.0, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(dim, dim, generator=gen)
+        self.w = nn.Parameter(0.5 * w / torch.linalg.matrix_norm(w, 2))
+        self.u = nn.Parameter(torch.randn(dim, dim, generator=gen) / dim**0.5)
+        self.b = nn.Parameter(1e-3 * torch.randn(dim, generator=gen))
+        self.v = nn.Parameter(0.3 * torch.randn(dim, dim, generator=gen) / dim**0.5)
+        self.tuple_state = tuple_state
+        self.drop = VariationalDropout(dropout)
+
+    def forward(self, z, x, y=None):
+        z_new = torch.tanh(self.drop(z @ self.w.T) + x @ self.u.T + self.b)
+        if not self.tuple_state:
+            return z_new
+        return z_new, torch.tanh(y @ self.v.T + z) / 2
+
+
+class Model(nn.Module):
+    """What a user writes: get_deq(...) with default options and a cell."""
+
+    def __init__(self, tuple_state=False, dropout=0.0, checkpointed=False, **deq):
+        super().__init__()
+        self.cell = Cell(tuple_state=tuple_state, dropout=dropout)
+        self.deq = get_deq(**deq)
+        self.checkpointed = checkpointed
+
+    def forward(self, x):
+        reset_deq(self)
+        z0 = torch.zeros_like(x)
+        if self.cell.tuple_state:
+            z_out, info = self.deq(lambda z, y: self.cell(z, x, y), (z0, torch.zeros_like(x)))
+            return torch.cat(z_out[-1], dim=1), info
+        f = (lambda z: mem_gc(self.cell, (z, x))) if self.checkpointed else (lambda z: self.cell(z, x))
+        z_out, info = self.deq(f, z0)
+        return z_out[-1], info
+
+
+def _inputs(batch=6, dim=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    # samples of very different scale converge at different steps (the masks matter)
+    return torch.randn(batch, dim, generator=gen) * torch.logspace(-3, 0, batch)[:, None]
+
+
+def _compiled(model, fullgraph, backend="aot_eager"):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(model, fullgraph=fullgraph, backend=counter), counter
+
+
+def _check_inference(solver, tuple_state, fullgraph, backend="aot_eager"):
+    model = Model(tuple_state=tuple_state, f_solver=solver, f_max_iter=14, f_tol=1e-4).eval()
+    x = _inputs()
+    with torch.no_grad():
+        z_eager, info_eager = model(x)
+        compiled, counter = _compiled(model, fullgraph, backend)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            z, info = compiled(x)
+            z2, _ = compiled(x)
+        assert counter.frame_count == 1  # one graph, and no recompilation on the second call
+        assert (z - z_eager).abs().max() < 1e-5 and torch.equal(z, z2)
+        for key in ("abs_lowest", "rel_lowest"):
+            assert torch.allclose(info[key], info_eager[key], rtol=1e-4, atol=1e-6), key
+        assert info["abs_trace"].shape == info_eager["abs_trace"].shape
+        assert int(info_eager["nfe"]) < 14  # eager exits early; so does compiled fixed-point
+        assert int(info["nfe"]) == (int(info_eager["nfe"]) if solver == "fixed_point_iter" else 14)
+        if solver == "fixed_point_iter":  # torch.while_loop: the same steps as eager
+            assert torch.equal(info["nstep"], info_eager["nstep"])
+        assert info_eager["nstep"].min() < info_eager["nstep"].max()  # samples froze apart
+        assert {type(v) for v in info.values()} == {torch.Tensor}  # every value a tensor
+        compiled(_inputs(batch=4))  # another batch size: at most one recompilation
+        compiled(_inputs(batch=3))
+        # Anderson (aot_eager, f_max_iter 14) recompiles once more for the third batch
+        # size: measured, not yet understood (backend "eager", f_max_iter 6: only once)
+        assert counter.frame_count <= (3 if solver == "anderson" else 2)
+    return [str(w.message) for w in caught]
+
+
+# (Anderson's compile took 15 minutes on the loaded 2-core machine: slow)
+@pytest.mark.parametrize("solver, tuple_state", [
+    ("fixed_point_iter", False), ("broyden", True),
+    pytest.param("anderson", True, marks=pytest.mark.slow),
+    pytest.param("fixed_point_iter", True, marks=pytest.mark.slow),
+    pytest.param("anderson", False, marks=pytest.mark.slow),
+    pytest.param("broyden", False, marks=pytest.mark.slow),
+])
+def test_default_deq_compiles_fullgraph_and_equals_eager(solver, tuple_state):
+    assert not _check_inference(solver, tuple_state, fullgraph=True)  # no warning
+
+
+def test_batch_independent_under_compile_masks_with_one_warning():
+    cell, x = Cell(), _inputs()
+
+    def func(z, rows=None):  # eager hands it the active rows only
+        return cell(z, x if rows is None else x[rows])
+
+    def solve(z0):
+        return fixed_point_iter(func, z0, max_iter=14, tol=1e-4, batch_independent=True)
+
+    with torch.no_grad():
+        eager = solve(torch.zeros_like(x))
+        compiled, _ = _compiled(solve, fullgraph=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            z, _, info = compiled(torch.zeros_like(x))
+            compiled(torch.zeros_like(x))
+    assert (z - eager[0]).abs().max() < 1e-5
+    assert torch.equal(info["nstep"], eager[2]["nstep"]) and eager[2]["nstep"].min() < 14
+    messages = [str(w.message) for w in caught if "batch_independent" in str(w.message)]
+    assert len(messages) == 1 and "masked" in messages[0]
+
+
+@pytest.mark.slow
+def test_default_anderson_compiles_without_graph_breaks_under_fullgraph_false():
+    _check_inference("anderson", False, fullgraph=False)
+
+
+def _grads(model, x):
+    z, _ = model(x)
+    loss = (z ** 2).sum()
+    return torch.autograd.grad(loss, [x, *model.parameters()], allow_unused=True)
+
+
+def _check_training(fullgraph, backend="aot_eager", **model_kw):
+    torch.manual_seed(0)
+    model = Model(**model_kw).train()
+    x = _inputs().requires_grad_()
+    eager = _grads(model, x)
+    compiled, counter = _compiled(model, fullgraph, backend)
+    for _ in range(2):
+        got = _grads(compiled, x)
+        for a, b in zip(got, eager):
+            if b is None:
+                assert a is None
+            else:
+                assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
+    return counter
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(f_solver="anderson", f_max_iter=10, grad=3),  # phantom gradient
+    dict(f_solver="broyden", f_max_iter=8, grad=2, tau=0.8, tuple_state=True),
+    dict(f_max_iter=0, grad=6, checkpointed=True),  # unrolled, mem_gc
+], ids=["phantom-anderson", "phantom-broyden-tuple", "unrolled-mem_gc"])
+def test_training_step_compiles_fullgraph_with_eager_gradients(recipe):
+    counter = _check_training(fullgraph=True, **recipe)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("hook_ift", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["ift", "hook_ift"])
+def test_ift_training_step_compiles_with_graph_breaks_and_eager_gradients(hook_ift):
+    _check_training(fullgraph=False, f_solver="anderson", f_max_iter=12, ift=True,
+                    hook_ift=hook_ift, b_max_iter=20, b_tol=1e-7)
+
+
+def test_dropout_masks_do_not_recompile():
+    torch.manual_seed(0)
+    model = Model(dropout=0.3, f_solver="anderson", f_max_iter=4, grad=1).train()
+    compiled, counter = _compiled(model, fullgraph=True)
+    x = _inputs()
+    first, _ = compiled(x)
+    second, _ = compiled(x)
+    assert counter.frame_count == 1
+    assert not torch.equal(first, second)  # a new mask per forward (reset_deq in the graph)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_default_deq_compiles_with_inductor(solver):
+    _check_inference(solver, tuple_state=solver == "broyden", fullgraph=True, backend="inductor")
+
+
+@pytest.mark.slow
+def test_phantom_training_step_compiles_with_inductor():
+    counter = _check_training(fullgraph=True, backend="inductor", f_solver="anderson",
+                              f_max_iter=10, grad=3)
+    assert counter.frame_count == 1
