@@ -1,0 +1,209 @@
+"""One DEQ training step and one inference solve: TorchDEQ eager, core eager, core compiled.
+
+A training step is the DEQ forward (solve without autograd + the backward recipe's graph),
+a loss, and `backward()`; an inference solve is the DEQ forward in eval mode under
+`no_grad`. The three implementations run interleaved in one process, each case the
+median of `--repeats` timed runs after warm-up (the compiled one's first calls compile,
+timed separately). The DEQ options are the same for all three: `get_deq(f_solver=...,
+f_max_iter=..., f_tol=...)` with the default backward (1-step phantom gradient), or
+`--ift`. Compiled = `torch.compile(step, mode=--mode)` (inductor) around the model and
+the loss; core's solvers take their traceable path under it by themselves.
+
+Problems: the solver race's three (`solver_race.py`: tanh d=1024 batch 64, the conv cell,
+tanh d=32 batch 512, with their weights made parameters) and the digits MDEQ
+(`zoo.mdeq`, `+experiment=digits`, batch 64). `--problems` picks some.
+
+    python benchmarks/compile_step.py --threads 2 --problems tanh32 [--solver anderson]
+
+Not a test: nothing is asserted. Printed: ms per case and the ratios core eager /
+compiled and TorchDEQ / compiled (> 1: compiled is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import core  # noqa: E402
+
+
+class TanhCell(nn.Module):
+    """z -> tanh(W z + x), ||W||_2 = 0.95 (the race's layer, W a parameter)."""
+
+    def __init__(self, dim, seed):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(dim, dim, generator=gen)
+        self.w = nn.Parameter(0.95 * w / torch.linalg.matrix_norm(w, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(torch.addmm(x, z, self.w.T))
+
+
+class RaceModel(nn.Module):
+    """A DEQ around a cell f(z, x); returns z*."""
+
+    def __init__(self, cell, deq):
+        super().__init__()
+        self.cell, self.deq = cell, deq
+
+    def forward(self, x):
+        z_out, _ = self.deq(lambda z: self.cell(z, x), torch.zeros_like(x))
+        return z_out[-1]
+
+
+def race_problem(name):
+    """(cell, input) of a race problem."""
+    if name == "tanh1024":
+        gen = torch.Generator().manual_seed(0)
+        return TanhCell(1024, 0), torch.randn(64, 1024, generator=gen)
+    if name == "tanh32":
+        gen = torch.Generator().manual_seed(1)
+        return TanhCell(32, 1), torch.randn(512, 32, generator=gen)
+    if name == "conv":
+        from solver_race import ConvCell
+
+        torch.manual_seed(0)
+        return ConvCell(32), torch.randn(16, 32, 16, 16)
+    raise ValueError(name)
+
+
+def mdeq_digits(deq_options):
+    """The digits MDEQ with these DEQ options, and a batch of 64 digits-sized inputs."""
+    from zoo.common import compose
+    from zoo.mdeq.train import build_model
+
+    overrides = ["+experiment=digits"] + [f"deq.{k}={v}" for k, v in deq_options.items()]
+    model = build_model(compose("mdeq", overrides))
+    return model, torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def build(problem, impl, options):
+    """(model, input) for one implementation; the same weights for all three."""
+    if problem == "mdeq":
+        if impl == "torchdeq":
+            return None, None  # the zoo model is built on core only
+        return mdeq_digits(options)
+    cell, x = race_problem(problem)
+    if impl == "torchdeq":
+        import torchdeq
+
+        deq = torchdeq.get_deq(**options)
+    else:
+        deq = core.get_deq(**options)
+    return RaceModel(cell, deq), x
+
+
+def loss_of(out):
+    out = out[0] if isinstance(out, tuple) else out
+    return out.float().square().mean()
+
+
+def make_cases(problem, options, mode):
+    """{impl: (train_step, infer)} closures."""
+    cases = {}
+    for impl in ("torchdeq", "core", "compiled"):
+        model, x = build(problem, impl, options)
+        if model is None:
+            continue
+        forward = model
+        if impl == "compiled":
+            forward = torch.compile(model, mode=mode)
+
+        def train_step(forward=forward, model=model, x=x):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss_of(forward(x)).backward()
+
+        def infer(forward=forward, model=model, x=x):
+            model.eval()
+            with torch.no_grad():
+                forward(x)
+
+        cases[impl] = (train_step, infer)
+    return cases
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run(args):
+    rows = []
+    options = dict(f_solver=args.solver, f_max_iter=args.f_max_iter, f_tol=args.tol)
+    if args.ift:
+        options.update(ift=True)
+    for problem in args.problems:
+        cases = make_cases(problem, options, args.mode)
+        for kind, index in (("train step", 0), ("inference", 1)):
+            start = time.perf_counter()
+            for impl, fns in cases.items():  # warm-up; the compiled one compiles here
+                t0 = time.perf_counter()
+                for _ in range(2):
+                    fns[index]()
+                if impl == "compiled":
+                    compile_s = time.perf_counter() - t0
+            samples = {impl: [] for impl in cases}
+            for _ in range(args.repeats):  # interleaved
+                for impl, fns in cases.items():
+                    samples[impl] += timed(fns[index], 1)
+            ms = {impl: 1e3 * statistics.median(s) for impl, s in samples.items()}
+            row = {"problem": problem, "kind": kind, "ms": ms, "compile_s": compile_s,
+                   "core_over_compiled": ms["core"] / ms["compiled"],
+                   "torchdeq_over_compiled": (ms["torchdeq"] / ms["compiled"]
+                                              if "torchdeq" in ms else None),
+                   "setup_s": time.perf_counter() - start}
+            rows.append(row)
+            tdeq = f"{ms['torchdeq']:.2f}" if "torchdeq" in ms else "n/a"
+            tratio = (f"{row['torchdeq_over_compiled']:.2f}x"
+                      if row["torchdeq_over_compiled"] is not None else "n/a")
+            print(f"| {problem} | {kind} | {tdeq} | {ms['core']:.2f} | {ms['compiled']:.2f} | "
+                  f"{row['core_over_compiled']:.2f}x | {tratio} | {compile_s:.0f} |", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", nargs="+", default=["tanh1024", "conv", "tanh32", "mdeq"],
+                        choices=["tanh1024", "conv", "tanh32", "mdeq"])
+    parser.add_argument("--solver", default="fixed_point_iter")
+    parser.add_argument("--f-max-iter", type=int, default=40, help="DEQ default: 40")
+    parser.add_argument("--tol", type=float, default=1e-4, help="abs tolerance (the race's)")
+    parser.add_argument("--ift", action="store_true", help="IFT backward instead of phantom")
+    parser.add_argument("--mode", default=None, help="torch.compile mode (default: inductor default)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "
+          f"f_max_iter {args.f_max_iter}, tol {args.tol} abs, "
+          f"{'IFT' if args.ift else '1-step phantom gradient'}, median of {args.repeats}\n")
+    print("| problem | case | TorchDEQ eager ms | core eager ms | core compiled ms | "
+          "core eager / compiled | TorchDEQ / compiled | compile s |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = run(args)
+    if args.out:
+        args.out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                        "args": {k: str(v) for k, v in vars(args).items()},
+                                        "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
