@@ -71,7 +71,7 @@ from zoo.common import console, curves, resume
 from zoo.common import distributed as zdist
 from zoo.common.config_keys import command_line_overrides
 from zoo.common.console import ConsoleLog
-from zoo.common.checkpoint import CheckpointManager, latest_valid, load_checkpoint, rng_state, set_rng_state
+from zoo.common.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from zoo.common.config_check import check_runtime_options
 from zoo.common.logger import MetricLogger, deq_metrics, peak_memory_mb
 from zoo.common.optim import clip_gradients

@@ -32,29 +32,21 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["unwrap_checkpoint", "upstream_to_ours", "match_weight_norm", "load_torchdeq_checkpoint"]
+from zoo.common.convert import checkpoint_weights, strip_module_prefix
+from zoo.common.convert import match_weight_norm as match_common_weight_norm
+
+__all__ = ["upstream_to_ours", "match_weight_norm", "load_torchdeq_checkpoint"]
 
 KEY_RULES: tuple[tuple[str, str], ...] = ((r"^update_block\.mask\.", "mask."),)
 DUPLICATES = re.compile(r"^[fc]net\.layer\d\.0\.norm3\.")
 UNSUPPORTED = (re.compile(r"^(attn\.|update_block\.gma\.)"), re.compile(r"_orig$"))
 
 
-def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
-    """The weights in a checkpoint: a bare state dict, or one under ``state_dict`` / ``model``."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            return obj[key]
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError("not a DEQ-Flow checkpoint: expected a state dict (or one under 'state_dict')")
-
-
 def upstream_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """The tensors under our names; ValueError for GMA / spectral-norm checkpoints."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
+        key = strip_module_prefix(key)
         if DUPLICATES.match(key):
             continue
         for rule in UNSUPPORTED:
@@ -67,25 +59,11 @@ def upstream_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str
     return out
 
 
-def _row_norm(w: torch.Tensor) -> torch.Tensor:
-    return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
-
-
 def match_weight_norm(state: Mapping[str, torch.Tensor],
                       target: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """Weight-norm keys as `target` has them (fold g, v into a weight, or split a weight)."""
-    out = OrderedDict(state)
-    for key in list(out):
-        if key.endswith(".weight_v") and key not in target and key[:-2] in target:
-            v, g = out.pop(key), out.pop(key[:-2] + "_g")
-            out[key[:-2]] = g.reshape(-1, *([1] * (v.dim() - 1))) * v / _row_norm(v)
-        elif key.endswith(".weight") and key not in target and key + "_v" in target:
-            w = out.pop(key)
-            out[key + "_v"], out[key + "_g"] = w, _row_norm(w)
-    for key in out:  # g stored as (C, 1, 1, 1) or (C,)
-        if key.endswith("_g") and key in target and out[key].numel() == target[key].numel():
-            out[key] = out[key].reshape(target[key].shape)
-    for key, value in target.items():  # old checkpoints lack BatchNorm's counter
+    """`zoo.common.convert.match_weight_norm`, plus BatchNorm's counter that old checkpoints lack."""
+    out = match_common_weight_norm(state, target)
+    for key, value in target.items():
         if key.endswith("num_batches_tracked") and key not in out:
             out[key] = value.clone()
     return out
@@ -96,7 +74,7 @@ def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
     if not isinstance(source, Mapping):
         source = torch.load(source, map_location="cpu", weights_only=True)
     target = model.state_dict()
-    state = match_weight_norm(upstream_to_ours(unwrap_checkpoint(source)), target)
+    state = match_weight_norm(upstream_to_ours(checkpoint_weights(source, "DEQ-Flow checkpoint")), target)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     wrong = sorted((k, tuple(state[k].shape), tuple(target[k].shape))

@@ -26,28 +26,18 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from zoo.common.convert import checkpoint_weights, strip_module_prefix
+
 DEAD = re.compile(r"^ignn\.\d+\.bias$")  # the reference layer's unused bias
 NORMED = ("W", "Omega_1", "Omega_2")
 
 
 # candidate for zoo/common: the same as zoo/mdeq/convert.py's
-def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
-    """The weights inside a checkpoint: a bare state dict, or one under ``state_dict`` / ``model``."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            return obj[key]
-    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError("not a TorchDEQ IGNN checkpoint: expected a state dict or a dict with "
-                     "'state_dict' holding one")
-
-
 def torchdeq_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """The same tensors under our names: ``module.`` prefixes removed, ``ignn.i.bias`` dropped."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
+        key = strip_module_prefix(key)
         if not DEAD.match(key):
             out[key] = value
     return out
@@ -79,7 +69,7 @@ def load_torchdeq_checkpoint(model: nn.Module, path_or_state: Any, clip: float |
     obj = path_or_state
     if not isinstance(obj, Mapping):
         obj = torch.load(str(obj), map_location="cpu", weights_only=True)
-    state = torchdeq_to_ours(unwrap_checkpoint(obj))
+    state = torchdeq_to_ours(checkpoint_weights(obj, "TorchDEQ IGNN checkpoint"))
     target = model.state_dict()
     if any(k.endswith(".W_orig") for k in state) and not any(k.endswith(".W_orig") for k in target):
         state = fold_spectral_norm(state, clip)

@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from zoo.common.convert import checkpoint_weights, match_weight_norm, strip_module_prefix
+
 # (pattern, replacement) applied in order to each key (after the `module.` prefix is gone).
 KEY_RULES: tuple[tuple[str, str], ...] = (
     (r"^downsample\.", "stem."),
@@ -45,24 +47,11 @@ KEY_RULES: tuple[tuple[str, str], ...] = (
 IGNORED = re.compile(r"^fullstage_copy\.")
 
 
-def unwrap_checkpoint(obj: Any) -> Mapping[str, torch.Tensor]:
-    """The weights inside a TorchDEQ-zoo checkpoint: a bare state dict, or a training
-    checkpoint holding it under ``state_dict`` (or ``model``)."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            return obj[key]
-    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError("not a TorchDEQ MDEQ checkpoint: expected a state dict or a dict with "
-                     "'state_dict' holding one")
-
-
 def torchdeq_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """The same tensors under our key names (`module.` prefixes removed)."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
+        key = strip_module_prefix(key)
         if IGNORED.match(key):
             continue
         for pattern, repl in KEY_RULES:
@@ -71,36 +60,12 @@ def torchdeq_to_ours(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str
     return out
 
 
-def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
-    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
-
-
-def match_weight_norm(state: Mapping[str, torch.Tensor],
-                      target: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """Makes weight-norm keys agree with `target`: ``w = g * v / |v|`` when the target has
-    a plain ``weight``; ``v = w, g = |w|`` when the target has ``weight_g``/``weight_v``."""
-    out = OrderedDict(state)
-    for key in list(out):
-        if key.endswith(".weight_v"):
-            base = key[: -len("_v")]
-            if base in target and key not in target:
-                v, g = out.pop(key), out.pop(base + "_g")
-                out[base] = g * v / _norm_except_dim0(v)
-        elif key.endswith(".weight") and key not in target and key + "_v" in target:
-            w = out.pop(key)
-            out[key + "_v"], out[key + "_g"] = w, _norm_except_dim0(w)
-    for key in out:  # the scale g may be stored as (C, 1, 1, 1) or (C,)
-        if key.endswith("_g") and key in target and out[key].numel() == target[key].numel():
-            out[key] = out[key].reshape(target[key].shape)
-    return out
-
-
 def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
     """Loads a TorchDEQ-zoo MDEQ checkpoint (a path, or the loaded object) into `model`."""
     if not isinstance(source, Mapping):
         source = torch.load(source, map_location="cpu", weights_only=False)
     target = model.state_dict()
-    state = match_weight_norm(torchdeq_to_ours(unwrap_checkpoint(source)), target)
+    state = match_weight_norm(torchdeq_to_ours(checkpoint_weights(source, "TorchDEQ MDEQ checkpoint")), target)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)

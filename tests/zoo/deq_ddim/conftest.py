@@ -1,14 +1,7 @@
-"""Fixtures of the DEQ-DDIM tests: a toy float64 denoiser and one CPU thread."""
+"""Fixtures of the DEQ-DDIM tests: a toy float64 denoiser (tests/zoo/conftest.py sets one CPU thread)."""
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class ToyDenoiser(torch.nn.Module):

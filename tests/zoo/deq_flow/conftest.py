@@ -11,14 +11,6 @@ import torch
 from PIL import Image
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """One intra-op thread: as fast on an idle machine, far faster on a busy one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # --------------------------------------------------------------------------- file formats
 def write_flo(path, flow):

@@ -3,7 +3,6 @@ MediaWiki XML dump like the one gensim ships."""
 import bz2
 
 import pytest
-import torch
 
 WIKITEXT_TRAIN = """ 
  = Valkyria Chronicles III = 
@@ -55,10 +54,3 @@ def write_dump(path, pages):
 def dump_writer():
     return write_dump
 
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

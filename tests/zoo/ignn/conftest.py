@@ -1,17 +1,5 @@
-"""Fixtures of the IGNN tests: a PPI raw folder in ppi.zip's formats, one CPU thread."""
+"""Fixtures of the IGNN tests: a PPI raw folder in ppi.zip's formats (tests/zoo/conftest.py sets one CPU thread)."""
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny graphs: one intra-op thread is as fast on an idle machine and far faster on a
-    busy one."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

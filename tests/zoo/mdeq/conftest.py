@@ -11,17 +11,6 @@ def cifar_writer():
     return write_cifar10
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """These models run on tiny tensors: one intra-op thread is as fast on an idle machine
-    and far faster on a busy one (threads waiting on each other)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _bn(prefix, c, affine=True):
     keys = {f"{prefix}.running_mean": (c,), f"{prefix}.running_var": (c,),

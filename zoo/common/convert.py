@@ -1,0 +1,55 @@
+"""What every converter of published checkpoints needs: the weights inside a checkpoint
+file, and weight-norm keys made to agree with the model that loads them.
+
+A TorchDEQ-zoo or upstream checkpoint is a bare state dict or a training checkpoint that
+holds one under ``state_dict`` (or ``model``); `checkpoint_weights` finds it. Weight norm
+is stored either as ``weight_g`` / ``weight_v`` or folded into ``weight``;
+`match_weight_norm` converts one into the other as the target state dict has it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+
+
+def checkpoint_weights(obj: Any, what: str = "checkpoint") -> Mapping[str, torch.Tensor]:
+    """The state dict in `obj` (bare, or under ``state_dict`` / ``model``); ValueError otherwise,
+    naming `what` was expected (e.g. "TorchDEQ MDEQ checkpoint")."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            return obj[key]
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"not a {what}: expected a state dict or a dict with 'state_dict' holding one")
+
+
+def strip_module_prefix(key: str) -> str:
+    """``module.module.x`` -> ``x`` (DataParallel / DDP wrappers)."""
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _row_norm(w: torch.Tensor) -> torch.Tensor:
+    return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+
+
+def match_weight_norm(state: Mapping[str, torch.Tensor],
+                      target: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Weight-norm keys as `target` has them: ``w = g * v / |v|`` when the target has a plain
+    ``weight``; ``v = w, g = |w|`` when it has ``weight_g`` / ``weight_v``; ``g`` reshaped
+    between (C, 1, 1, 1) and (C,)."""
+    out = OrderedDict(state)
+    for key in list(out):
+        if key.endswith(".weight_v") and key not in target and key[:-2] in target:
+            v, g = out.pop(key), out.pop(key[:-2] + "_g")
+            out[key[:-2]] = g.reshape(-1, *([1] * (v.dim() - 1))) * v / _row_norm(v)
+        elif key.endswith(".weight") and key not in target and key + "_v" in target:
+            w = out.pop(key)
+            out[key + "_v"], out[key + "_g"] = w, _row_norm(w)
+    for key in out:
+        if key.endswith("_g") and key in target and out[key].numel() == target[key].numel():
+            out[key] = out[key].reshape(target[key].shape)
+    return out
