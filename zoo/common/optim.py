@@ -103,9 +103,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | N
     if name == "one_cycle":
         max_lrs = [g["lr"] for g in optimizer.param_groups]
         return OneCycleLR(
-            # one more than the run's steps: `fit` steps the schedule after every optimiser step,
-            # and OneCycleLR's value past its last step extrapolates below zero
-            optimizer, max_lr=max_lrs, total_steps=total_steps + 1,
+            optimizer, max_lr=max_lrs, total_steps=total_steps,
             pct_start=float(_get(cfg, "pct_start", 0.3)),
             anneal_strategy=str(_get(cfg, "anneal", "linear")),
             div_factor=float(_get(cfg, "div_factor", 25.0)),

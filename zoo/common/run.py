@@ -454,6 +454,8 @@ class Run:
             t0 = time.perf_counter()  # a step's time includes fetching its batch, not evaluation
             for batch in batches(epoch, batch_in_epoch):
                 model.train()
+                # the learning rate this step uses (after it, a schedule may already point past its end)
+                lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
                 metrics = train_step(batch, step + 1)
                 if self.device.type == "cuda" and self.log_every and (step + 1) % self.log_every == 0:
                     torch.cuda.synchronize(self.device)
@@ -470,8 +472,8 @@ class Run:
                     record = dict(metrics)
                     record.update({"time/step_s": window_time / window_steps,
                                    "mem/peak_mb": peak_memory_mb(self.device), "epoch": epoch})
-                    if scheduler is not None:
-                        record["lr"] = scheduler.get_last_lr()[0]
+                    if lr is not None:
+                        record["lr"] = float(lr)
                     output.metrics = {k: v for k, v in self.log(step, record).items() if k != "step"}
                     window_time, window_steps = 0.0, 0
                     self._report_step(bar, step, total_steps, output.metrics, last_eval)

@@ -314,15 +314,3 @@ def test_compare_tables_into_head_exits_quietly(tmp_path):
                           shell=True, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().endswith(str(tmp_path)) and "Error" not in proc.stderr, proc.stderr
 
-
-@pytest.mark.parametrize("total", [3, 10, 100])
-def test_one_cycle_never_gives_a_negative_learning_rate(total):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched = build_scheduler(opt, {"name": "one_cycle", "pct_start": 0.05, "anneal": "linear"}, total)
-    lrs = []
-    for _ in range(total):  # as Run.fit: a schedule step after every optimiser step
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    lrs.append(opt.param_groups[0]["lr"])
-    assert min(lrs) >= 0 and 0.5e-3 < max(lrs) <= 1e-3
