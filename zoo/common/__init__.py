@@ -2,7 +2,9 @@
 
 `zoo_main` (Hydra entry + config search path), `Run` (seed, device, DDP, run directory,
 logging, checkpoints, the `fit` loop, results.json), optimiser / schedule / clipping
-builders, `require_files` for dataset errors, `deq_metrics` for DEQ diagnostics.
+builders, `require_files` for dataset errors, `deq_metrics` for DEQ diagnostics,
+`evaluate_checkpoint` (the body of every evaluate.py). Resume rules: resume.py; the test-
+time sweep: sweep.py; checkpoint converters' helpers: convert.py; CIFAR-10: cifar.py.
 See run.py's docstring for a whole train.py.
 """
 from zoo.common.checkpoint import CheckpointManager, latest_valid, load_checkpoint, save_checkpoint
