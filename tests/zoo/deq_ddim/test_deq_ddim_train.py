@@ -44,8 +44,10 @@ def digits_denoiser(tmp_path_factory):
     cfg = compose("deq_ddim", ["+experiment=digits_ddpm", *TINY_DDPM, *QUIET], return_hydra_config=True)
     train(cfg)
     results = json.loads(next((root / "outputs").rglob("results.json")).read_text())
+    ckpt = Path(cfg.denoiser.ckpt)  # resolved while ZOO_OUTPUTS points here (it is ${oc.env:ZOO_OUTPUTS})
     mp.undo()
-    return results, Path(cfg.denoiser.ckpt)
+    assert ckpt.is_file() and root in ckpt.parents
+    return results, ckpt
 
 
 def test_digits_ddpm_loss_falls_and_the_denoiser_file_is_a_zoo_checkpoint(digits_denoiser):
@@ -119,7 +121,7 @@ def test_evaluate_compares_the_deq_with_sequential_sampling(digits_denoiser, tmp
     _, ckpt = digits_denoiser
     monkeypatch.setenv("ZOO_OUTPUTS", str(tmp_path / "outputs"))
     cfg = compose("deq_ddim", [f"ckpt={ckpt}", "sampling.timesteps=8", "sampling.dtype=float64",
-                               "sampling.batch=2", "deq=deq_ddim_fixed_point", "deq.eval_f_max_iter=8",
+                               "sampling.batch=2", "deq=deq_ddim_fixed_point", "deq.eval_f_max_iter=8", "deq.f_tol=1e-14",
                                "eval.sweep_iterations=[1,8]", *QUIET], return_hydra_config=True)
     metrics = evaluate(cfg)
     assert metrics["eval/max_abs_diff"] < 1e-10 and metrics["eval/latents"] == 8
