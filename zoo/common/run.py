@@ -42,7 +42,9 @@ log, logger, checkpoint) are in ``configs/run_defaults.yaml``.
 
 Resume: the run continues from the newest valid checkpoint of its own directory (a
 requeued SLURM job re-runs in the same directory); ``resume=auto`` also looks at the
-earlier runs of the same experiment (newest first), ``resume=<file or run dir>`` names one.
+earlier runs of the same experiment (newest first) and takes the first with this run's
+config (zoo/common/resume.py says exactly which), ``resume=<file or run dir>`` names one;
+``init_from=<checkpoint>`` starts a fresh run from another run's weights.
 Model, optimiser, scheduler, grad scaler, step, epoch, position in the epoch and every RNG
 state are restored, so a resumed deterministic run ends with the parameters of an
 uninterrupted one. SIGTERM (and SIGUSR2, submitit's pre-emption signal) makes `fit` save
