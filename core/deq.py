@@ -31,6 +31,7 @@ from core.config import DEQConfig
 from core.grad import State, state_tensors, backward_factory, detach_state, make_pair
 from core.solvers import get_solver
 from core.solvers.stat import solver_stat_from_final_step
+from core.utils.tracing import tracing
 
 __all__ = ["DEQBase", "DEQSliced", "DEQIndexing", "get_deq", "register_deq", "reset_deq"]
 
@@ -167,7 +168,7 @@ class DEQBase(nn.Module):
         z_out = [z_star]
         if torch.is_grad_enabled():
             attached = self.produce_grad[-1](func, z_star, writer=writer)
-            if _depends_on_grad(attached[-1], z_star):
+            if _depends_on_grad(attached[-1], z_star, func):
                 z_out = [attached[-1]]
         return z_out, info if info is not None else _no_solve_info(func, z_star)
 
@@ -271,12 +272,20 @@ def _no_solve_info(func: _UserFunc, z: State) -> dict:
     return info
 
 
-def _depends_on_grad(out: State, z_star: State) -> bool:
+def _depends_on_grad(out: State, z_star: State, func: Optional[Callable] = None) -> bool:
     """Does out's graph reach a leaf requiring grad other than (a detached alias of) z*?
 
     Used in evaluation mode: the IFT graph always reaches its own leaf z*, which does not
     count; any other leaf (a parameter of f, an input) means the caller wants gradients.
+    Under a trace (torch.compile, fullgraph too) autograd nodes cannot be walked; there
+    `f(z*)` from a detached z* answers instead: it requires grad exactly when f reaches
+    such a leaf, which the trace knows as a constant (the recorded last call is kept).
     """
+    if tracing() and func is not None:
+        last = func.last
+        probe = func(detach_state(z_star))
+        func.last = last
+        return any(t.requires_grad for t in state_tensors(probe))
     own = {t.data_ptr() for t in state_tensors(z_star)}
     stack = [t.grad_fn for t in state_tensors(out) if t.grad_fn is not None]
     stack += [t for t in state_tensors(out) if t.requires_grad and t.grad_fn is None]

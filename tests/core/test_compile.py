@@ -207,3 +207,28 @@ def test_phantom_training_step_compiles_with_inductor():
     counter = _check_training(fullgraph=True, backend="inductor", f_solver="anderson",
                               f_max_iter=10, grad=3)
     assert counter.frame_count == 1
+
+
+def test_eval_mode_with_grad_enabled_compiles_fullgraph():
+    """Evaluation with autograd on (e.g. an attack or a saliency map through a DEQ): eager
+    decides by walking the autograd graph whether f reaches a leaf that needs grad; a
+    fullgraph trace cannot walk it, and asks f(z*) instead. Both answers must agree: with
+    trainable parameters the phantom-gradient graph is attached (eager's gradients); with
+    everything frozen the plain fixed point comes back."""
+    torch.manual_seed(0)
+    model = Model(f_solver="fixed_point_iter", f_max_iter=14, f_tol=1e-4, grad=2).eval()
+    x = _inputs().requires_grad_()
+    eager = _grads(model, x)
+    compiled, counter = _compiled(model, fullgraph=True)
+    got = _grads(compiled, x)
+    assert sum(g is not None for g in eager) == 4  # x, w, u, b (v belongs to tuple states)
+    for a, b in zip(got, eager):
+        assert (a is None) == (b is None)
+        assert b is None or (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
+    model.requires_grad_(False)
+    frozen = x.detach()
+    z_eager, _ = model(frozen)
+    z, _ = compiled(frozen)
+    assert not z.requires_grad and not z_eager.requires_grad
+    assert (z - z_eager).abs().max() < 1e-6
+    assert counter.frame_count <= 2  # the frozen call may recompile once (requires_grad guards)
