@@ -126,11 +126,17 @@ class _History:
 
     def __init__(self, m: int, batch: int, dim: int, dtype: torch.dtype, device: torch.device,
                  sync_free: bool):
-        history = torch.empty(2, batch, m, dim, dtype=dtype, device=device)
         iterates = torch.empty(2, batch, 1, dim, dtype=dtype, device=device)
         # Eager mode hands func the iterate buffers (sync-free mode, new tensors).
         self.iterates_address = None if sync_free else iterates.untyped_storage().data_ptr()
-        self.f, self.g = history.unbind(0)  # (B, m, D) each
+        if sync_free:
+            # Two tensors of their own, not `unbind` views of one: under a trace (aot_eager,
+            # inductor) functionalising the writes through those views pinned the batch
+            # size, a recompilation for every new batch size
+            self.f = torch.empty(batch, m, dim, dtype=dtype, device=device)
+            self.g = torch.empty(batch, m, dim, dtype=dtype, device=device)
+        else:
+            self.f, self.g = torch.empty(2, batch, m, dim, dtype=dtype, device=device).unbind(0)  # (B, m, D) each
         self.f_slots, self.g_slots = self.f.unbind(1), self.g.unbind(1)  # (B, D) each
         self.g_rows = self.g.split(1, dim=1)  # (B, 1, D) each
         self.iterate_rows = iterates.unbind(0)  # (B, 1, D) each
