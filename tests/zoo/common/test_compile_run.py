@@ -5,8 +5,10 @@ deterministic=true its first 20 losses equal the eager run's to 1e-4. Measured (
 2026-12-01, loaded 2-core machine): steps 1 and 2 equal to 1e-6 (2.25762, 2.349906 vs
 2.349905), step 3 2.316494 against eager's 2.314844 (1.6e-3 apart), step 4 2.282175 vs
 2.28441. The digits DEQ is far from its fixed point (residual ~30 after its 6 steps),
-which amplifies inductor's different rounding (fused reductions) step by step; not yet
-resolved, so the test is a strict xfail. Inductor compiles the forward and backward
+which amplifies inductor's different rounding (fused reductions) step by step: with
+``backend="aot_eager"`` (the same graphs, eager kernels) the first 8 losses equal eager's
+exactly (measured), so core's compiled path computes the same thing. Not yet resolved for
+inductor, so the test is a strict xfail. Inductor compiles the forward and backward
 graphs for minutes on 2 busy cores: slow.
 """
 import json
