@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from step_options import add_device_options, start
 from zoo.deq_flow.metrics import flow_loss
 from zoo.deq_flow.model import DEQFlow, count_parameters
 from zoo.deq_flow.synthetic import SyntheticFlow
@@ -31,13 +32,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=36)
     p.add_argument("--states", type=int, default=6)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (0: default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_options(p)
     a = p.parse_args()
-    device = torch.device(a.device)
-    if a.threads and device.type == "cpu":
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    device = start(a)
     model = DEQFlow(a.size, deq={"f_solver": "fixed_point_iter", "f_max_iter": a.iters, "n_states": a.states,
                                  "grad": 1}).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=1e-4, eps=1e-8)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from step_options import add_device_options, start
 from core.reg.jacobian import jac_loss
 from zoo.deq_transformer.model import WT103_CUTOFFS, WT103_VOCAB, DEQTransformerLM, count_parameters, get_size
 from zoo.deq_transformer.train import lm_loss
@@ -45,14 +46,10 @@ def main() -> None:
     p.add_argument("--cutoffs", type=int, nargs="*", default=list(WT103_CUTOFFS))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (0: default)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_options(p)
     a = p.parse_args()
-    device = torch.device(a.device)
-    if a.threads and device.type == "cpu":
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    device = start(a)
     deq = {**RECIPES[a.recipe], "norm_type": "weight_norm"}
     size = get_size(a.size, variant=a.variant, pre_lnorm=False if a.variant == "seq" else None)
     model = DEQTransformerLM(size, a.vocab, a.cutoffs, deq=deq, mem_len=a.mem_len,
