@@ -114,7 +114,7 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_History", mi
 class _History:
     """The ring of f(x_i) and g_i = f(x_i) - x_i, with every view made once.
 
-    Holds the history (2, B, m, D) and two buffers the mixed iterates alternate in (func
+    Holds the history f and g, (B, m, D) each, and two buffers the mixed iterates alternate in (func
     gets one while the other holds the previous iterate, which a frozen sample keeps).
     On CPU a tensor view costs as much as a small kernel (2-5 us a dispatch), so the
     slots, prefixes and transposes the loop reads are cut once and kept, and the whole
