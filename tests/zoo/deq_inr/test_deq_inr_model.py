@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.deq_inr.model import DEQINR, SIZES, Siren, count_parameters, get_size
+from zoo.deq_inr.model import DEQINR, SIZES, CoordinateMap, Siren, count_parameters, get_size
 
 FAST = {"f_max_iter": 6, "grad": 2}
 
@@ -40,6 +40,38 @@ def test_injection_scale_and_bias():
     assert float(w.abs().max()) <= 100.0 / math.sqrt(2) / math.sqrt(2) + 1e-4
     assert float(w.abs().max()) > 30.0
     assert float(b.abs().max()) <= math.pi
+
+
+def test_coordinate_map_backward_is_linear_then_chunk():
+    torch.manual_seed(0)
+    x = torch.rand(7, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: CoordinateMap.apply(x, w, b, 3), (x, w, b))
+    # one chunk unused: its gradient is zero, not an error
+    grads = torch.autograd.grad(CoordinateMap.apply(x, w, b, 3)[1].sin().sum(), (x, w, b))
+    by_autograd = torch.autograd.grad(F.linear(x, w, b).chunk(3, -1)[1].sin().sum(), (x, w, b))
+    for mine, ref in zip(grads, by_autograd):
+        assert torch.allclose(mine, ref)
+
+
+@pytest.mark.parametrize("filter", ["siren_like", "gabor"])
+def test_injection_gradients_match_autograd_linear(filter):
+    torch.manual_seed(0)
+    model = DEQINR(2, 1, "2L16D", filter=filter, input_scale=10.0, one_pass=True, deq={"norm_type": "none"})
+    x = torch.rand(40, 2) * 2 - 1
+    model(x)[0][0].square().sum().backward()
+    mine = [p.grad.clone() for p in model.injection.parameters()]
+    model.zero_grad()
+    inj = model.injection
+    u = inj.x_map(x)  # the plain nn.Linear then chunk, as before CoordinateMap
+    if filter == "gabor":
+        sq = x.square().sum(-1, keepdim=True) - 2 * x @ inj.mu.t() + inj.mu.square().sum(-1)[None]
+        u = torch.sin(u) * torch.exp(-0.5 * inj.gamma[None] * sq)
+    u = list(u.chunk(inj.chunks, -1))
+    model.output_map(model.f(torch.zeros(40, 16), u, model.f.first(u))).square().sum().backward()
+    for p, g in zip(inj.parameters(), mine):
+        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-5)
 
 
 def test_one_pass_is_f_applied_once_to_zero():
