@@ -15,6 +15,11 @@ instead of recomputing O(m^2 B D)), and states in float16/bfloat16 are iterated 
 (only `func` sees the state dtype), so the least-squares solve runs in float32. Complex
 states (complex64/complex128) use the Hermitian Gram matrix G_ij = g_i^H g_j, and the
 weights are complex.
+
+Under torch.compile (no autograd, on CPU by default) steps 2..max_iter are one
+`torch.while_loop` that stops when no sample is active (`FixedPointProblem.while_active`):
+its body mixes the whole history, the entries not filled yet being zeros with a weight
+of exactly 0, and writes the ring slot (a tensor) with `index_copy`.
 """
 from __future__ import annotations
 
@@ -61,25 +66,27 @@ def anderson(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
     key = ("anderson", m, lam, batch, dim, wdt, device, p.sync_free)
 
     def build():
-        return (_History(m, batch, dim, wdt, device, p.sync_free),
+        return (_History(m, batch, dim, wdt, device, p.sync_free, zeroed=p.early_exit_loop),
                 _Mixer(batch, m, lam, wdt, device, unrolled=p.sync_free))
 
     if p.traced:  # no `with` around the loop: dynamo cannot resume a graph break inside one
-        _iterate(p, tracker, captured, *build(), m, tau)
+        tracker, nfe = _iterate(p, tracker, captured, *build(), m, tau)
     else:
         with workspace.reuse(key, _History.nbytes(m, batch, dim, wdt), device, build) as kept:
-            _iterate(p, tracker, captured, *kept, m, tau)
-    return p.result(tracker, captured)
+            tracker, nfe = _iterate(p, tracker, captured, *kept, m, tau)
+    return p.result(tracker, captured, nfe)
 
 
 def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_History", mixer: "_Mixer",
-             m: int, tau: float) -> None:
-    """Anderson's loop: feeds `tracker` and `captured` (states at `indexing`)."""
+             m: int, tau: float):
+    """Anderson's loop: feeds `tracker` and `captured` (states at `indexing`). Returns the
+    tracker holding the result and the number of `func` calls (None: counted by `p`)."""
     sdt, wdt, want = p.norm_dtype, p.work_dtype, p.want
     low_precision = wdt != p.dtype
     iterate_memory = ring.iterates_address
     x = p.z0.to(wdt)
-    for k in range(1, p.max_iter + 1):
+    peel = p.early_exit_loop  # step 1 here (it may set dropout masks), the rest in a while loop
+    for k in range(1, (min(p.max_iter, 1) if peel else p.max_iter) + 1):
         if k > 1:
             n = min(k - 1, m)
             alpha = mixer.weights(n, (k - 2) % m)
@@ -109,6 +116,37 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_History", mi
             captured[k] = tracker.best
         if tracker.done:
             break
+    if peel and p.max_iter > 1:
+        return p.while_active(tracker, captured, (x, ring.f, ring.g, mixer.gram),
+                              lambda k, t, state: _step(p, t, k, state, ring, mixer, m, tau))
+    return tracker, None
+
+
+def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_History", mixer: "_Mixer", m: int,
+          tau: float) -> tuple:
+    """Step k (a 0-dim tensor) of a compiled solve's while loop: `_iterate`'s step on the
+    carried iterate x, history f, g (B, m, D) and Gram matrix (B, m, m), functionally, with
+    the whole history every step (the entries not filled yet are zero and get weight 0)."""
+    x, f, g, gram = state
+    wdt = p.work_dtype
+    alpha = mixer.weights_at(gram, torch.clamp(k - 1, max=m), (k - 2) % m)
+    x_mix = row_mix(alpha, f).squeeze(1)
+    if tau != 1.0:
+        x_mix = torch.add(x_mix, row_mix(alpha, g).squeeze(1), alpha=tau - 1.0)
+    x = t.freeze(x_mix, x)
+    if wdt != p.dtype:
+        x_state = x.to(p.dtype)
+        fx_state = p.call_pure(x_state)
+        x = x_state.to(wdt)
+        fx = fx_state.to(wdt)
+    else:
+        fx_state = fx = p.call_pure(x)
+    slot = ((k - 1) % m).reshape(1)
+    f, g, dots = _History.store_at(f, g, slot, fx, x)
+    gram = mixer.add_at(gram, slot, dots)
+    t.observe(k, fx_state, dots.index_select(2, slot).real,
+              torch.linalg.vector_norm(fx, dim=1, dtype=p.norm_dtype), squared=True)
+    return x, f, g, gram
 
 
 class _History:
@@ -125,16 +163,18 @@ class _History:
     """
 
     def __init__(self, m: int, batch: int, dim: int, dtype: torch.dtype, device: torch.device,
-                 sync_free: bool):
+                 sync_free: bool, zeroed: bool = False):
         iterates = torch.empty(2, batch, 1, dim, dtype=dtype, device=device)
         # Eager mode hands func the iterate buffers (sync-free mode, new tensors).
         self.iterates_address = None if sync_free else iterates.untyped_storage().data_ptr()
         if sync_free:
             # Two tensors of their own, not `unbind` views of one: under a trace (aot_eager,
             # inductor) functionalising the writes through those views pinned the batch
-            # size, a recompilation for every new batch size
-            self.f = torch.empty(batch, m, dim, dtype=dtype, device=device)
-            self.g = torch.empty(batch, m, dim, dtype=dtype, device=device)
+            # size, a recompilation for every new batch size. `zeroed` (a compiled solve's
+            # while loop mixes the whole history): the entries not filled yet are zeros.
+            new = torch.zeros if zeroed else torch.empty
+            self.f = new(batch, m, dim, dtype=dtype, device=device)
+            self.g = new(batch, m, dim, dtype=dtype, device=device)
         else:
             self.f, self.g = torch.empty(2, batch, m, dim, dtype=dtype, device=device).unbind(0)  # (B, m, D) each
         self.f_slots, self.g_slots = self.f.unbind(1), self.g.unbind(1)  # (B, D) each
@@ -182,6 +222,15 @@ class _History:
             torch.sub(fx, x, out=self.g_slots[slot])
             g_row = self.g_rows[slot]
         return torch.bmm(g_row.conj(), self.prefix("gT", n))  # conj: a no-op when real
+
+    @staticmethod
+    def store_at(f, g, slot: torch.Tensor, fx: torch.Tensor, x: torch.Tensor) -> tuple:
+        """`store` out of place at a tensor `slot` (shape (1,)), in a while loop: the new
+        f and g (B, m, D) and the new entry's dots with all m entries (B, 1, m)."""
+        gx = fx - x
+        f = f.index_copy(1, slot, fx.unsqueeze(1))
+        g = g.index_copy(1, slot, gx.unsqueeze(1))
+        return f, g, torch.bmm(gx.unsqueeze(1).conj(), g.transpose(1, 2))
 
 
 class _Mixer:
@@ -238,6 +287,26 @@ class _Mixer:
         entries = torch.addcmul(shift, dots, scale)
         row.copy_(entries)
         column.copy_(entries.conj() if self.complex else entries)
+
+    def add_at(self, gram: torch.Tensor, slot: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+        """`add` out of place at a tensor `slot` (shape (1,)) with the dots with all m
+        entries (B, 1, m), in a while loop (unrolled mode): the new Gram matrix."""
+        entries = torch.addcmul(self.shift.index_select(0, slot), dots,
+                                self.scale.index_select(0, slot))
+        gram = gram.index_copy(1, slot, entries)
+        return gram.index_copy(2, slot, (entries.conj() if self.complex else entries).transpose(1, 2))
+
+    def weights_at(self, gram: torch.Tensor, n: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        """`weights` in a while loop (unrolled mode): n and newest are 0-dim tensors, and
+        the whole Gram matrix (B, m, m) is solved, whose entries not filled yet (n..m-1)
+        are zero: with a right-hand side of 0 there their weights are exactly 0, and the
+        Cholesky of the filled block is the n x n one plus exact zeros. alpha (B, 1, m)."""
+        used = torch.arange(gram.shape[1], device=gram.device) < n
+        w = _spd_solve_unrolled(gram, self.ones[..., 0] * used, self.floor).unsqueeze(1)
+        alpha = w / w.sum(dim=2, keepdim=True)
+        total = alpha.sum(dim=2, keepdim=True)
+        good = ((total - total) == self.zero) & (n > 1)  # n = 1: the plain step, as `weights`
+        return torch.where(good, alpha, self.eye.index_select(0, newest.reshape(1)))
 
     def weights(self, n: int, newest: int) -> torch.Tensor:
         """alpha (B, 1, n), summing to 1, minimising ||sum_i alpha_i g_i||; never raises.

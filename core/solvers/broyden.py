@@ -37,6 +37,11 @@ is still the step it was offered: its coefficients are never used. States in
 float16/bfloat16 are iterated in float32 (only `func` sees the state dtype), and there
 s is the difference of the rounded states, not the step. There is no line search: one
 `func` call per step.
+
+Under torch.compile (no autograd, on CPU by default) steps 2..max_iter are one
+`torch.while_loop` that stops when no sample is active (`FixedPointProblem.while_active`):
+the ring slot is a tensor there, so every slot takes part in each step, those not in use
+masked as the spare is (`_PairRing.add_and_step_at`).
 """
 from __future__ import annotations
 
@@ -81,24 +86,26 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
     batch, dim = p.z0.shape
     device = p.z0.device
-    build = lambda: _PairRing(m, batch, dim, wdt, device)  # noqa: E731
+    build = lambda: _PairRing(m, batch, dim, wdt, device, zeroed=p.early_exit_loop)  # noqa: E731
     if p.traced:  # no `with` around the loop: dynamo cannot resume a graph break inside one
-        _iterate(p, tracker, captured, build())
+        tracker, nfe = _iterate(p, tracker, captured, build())
     else:
         with workspace.reuse(("broyden", m, batch, dim, wdt, device),
                              _PairRing.nbytes(m, batch, dim, wdt), device, build) as ring:
-            _iterate(p, tracker, captured, ring)
-    return p.result(tracker, captured)
+            tracker, nfe = _iterate(p, tracker, captured, ring)
+    return p.result(tracker, captured, nfe)
 
 
-def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_PairRing") -> None:
-    """Broyden's loop: feeds `tracker` and `captured` (states at `indexing`)."""
+def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_PairRing"):
+    """Broyden's loop: feeds `tracker` and `captured` (states at `indexing`). Returns the
+    tracker holding the result and the number of `func` calls (None: counted by `p`)."""
     sdt, wdt, want = p.norm_dtype, p.work_dtype, p.want
     low_precision = wdt != p.dtype
     ring.start(p.sync_free)
     x = p.z0.to(wdt)
     x_prev = fx_prev = step = None
-    for k in range(1, p.max_iter + 1):
+    peel = p.early_exit_loop  # step 1 here (it may set dropout masks), the rest in a while loop
+    for k in range(1, (min(p.max_iter, 1) if peel else p.max_iter) + 1):
         if step is not None:
             x = tracker.freeze(x + step, x)  # a new tensor: the tracker may keep it as best
         if low_precision:
@@ -121,6 +128,32 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_PairRing") -
         else:
             step = ring.add_and_step(fx, fx_prev, (x, x_prev) if low_precision else None)
         x_prev, fx_prev = x, fx
+    if peel and p.max_iter > 1:  # step 1's step is g, already s_0 in row 0
+        return p.while_active(tracker, captured, (x, g, fx, ring.memory, ring.system),
+                              lambda k, t, state: _step(p, t, k, state, ring))
+    return tracker, None
+
+
+def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_PairRing") -> tuple:
+    """Step k (a 0-dim tensor) of a compiled solve's while loop: `_iterate`'s step on the
+    carried iterate x, step, f(x) of the last step, ring memory and K, functionally. The
+    next step is computed even at k = max_iter (the loop then ends; it is not used)."""
+    x_prev, step, fx_prev, memory, system = state
+    wdt = p.work_dtype
+    x = t.freeze(x_prev + step, x_prev)
+    if wdt != p.dtype:
+        x_state = x.to(p.dtype)
+        x = x_state.to(wdt)
+        fx = p.call_pure(x_state).to(wdt)
+    else:
+        x_state = x
+        fx = p.call_pure(x)
+    g = fx - x
+    t.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=p.norm_dtype),
+              torch.linalg.vector_norm(fx, dim=1, dtype=p.norm_dtype))
+    memory, system, step = ring.add_and_step_at(memory, system, k - 2, g, fx, fx_prev,
+                                                (x, x_prev) if wdt != p.dtype else None)
+    return x, step, fx, memory, system
 
 
 class _PairRing:
@@ -140,9 +173,11 @@ class _PairRing:
     sync-free mode assigns them (torch.compile rejects `out=` on strided views).
     """
 
-    def __init__(self, m, batch, dim, dtype, device):
+    def __init__(self, m, batch, dim, dtype, device, zeroed=False):
         self.m, self.slots = m, m + 1
-        self.memory = torch.empty(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
+        # `zeroed` (a compiled solve's while loop reads every slot): rows not written yet
+        # are zeros, so their coefficient of exactly 0 gives exactly 0
+        self.memory = (torch.zeros if zeroed else torch.empty)(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
         self.rows = self.memory.unbind(0)  # (B, D) each
         self.system = torch.empty(batch, self.slots, self.slots, dtype=dtype, device=device)  # K
         self.dots = torch.empty(batch * 3 * 2 * self.slots, dtype=dtype, device=device)
@@ -253,6 +288,51 @@ class _PairRing:
         if slot == self.m:  # the step went to the last row: slot 0's s is row 0
             self.rows[0].copy_(step)
         return step
+
+
+    def add_and_step_at(self, memory, system, count: torch.Tensor, g, fx, fx_prev, states=None):
+        """`add_and_step` in a compiled solve's while loop, out of place: `count` (a 0-dim
+        tensor) pairs are stored, g = f(x) - x is this step's residual. Returns the new
+        memory, K and step.
+
+        Every slot takes part: K (B, m + 1, m + 1) and S^T g are solved whole, with the
+        slots not in use (not filled yet, and the spare) masked as `add_and_step` masks
+        the spare, a unit row and column and a zero right-hand side, so their
+        coefficients are exactly 0 and the rest is the system of the pairs in use. The
+        g row of the memory is not written (only its dots with the masked slot would
+        read it): the step goes there."""
+        slots = self.slots
+        slot = count % slots
+        base = 2 * slot
+        full = count + 1 > self.m
+        position = torch.arange(slots, device=memory.device)
+        unused = (position > count) | (full & (position == (slot + 1) % slots))
+        p_new = fx - fx_prev
+        memory = memory.index_copy(0, (base + 1).reshape(1), p_new.unsqueeze(0))
+        if states is not None:
+            s_new = states[0] - states[1]
+            memory = memory.index_copy(0, base.reshape(1), s_new.unsqueeze(0))
+        else:
+            s_new = memory.index_select(0, base.reshape(1)).squeeze(0)
+        stage = torch.stack((s_new, p_new, g), dim=1)  # s, p, g: (B, 3, D)
+        dots = torch.bmm(stage, memory[:2 * slots].permute(1, 2, 0))  # (B, 3, 2 slots)
+        index = slot.reshape(1)
+        system = system.index_copy(1, index, dots[:, 0:1, 1::2])  # s . p_j
+        system = system.index_copy(2, index, (dots[:, 1, 0::2] - dots[:, 0, 0::2]).unsqueeze(2))
+        rhs = torch.where(unused.unsqueeze(1), self.zero, dots[:, 2, 0::2].unsqueeze(2))
+        masked = torch.where(unused.unsqueeze(1) | unused.unsqueeze(0), self.unit, system)
+        coeffs = torch.linalg.solve_ex(masked, rhs)[0].transpose(1, 2)
+        total = coeffs.sum(dim=2, keepdim=True)
+        coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
+        p_ring = memory[1:2 * slots:2].transpose(0, 1)  # P: (B, m + 1, D)
+        g_row = g.unsqueeze(1)
+        step = (torch.sub(g_row, row_mix(coeffs, p_ring)) if is_narrow(p_ring)
+                else torch.baddbmm(g_row, coeffs, p_ring, alpha=-1.0)).squeeze(1)
+        # the step is the next s: row 2 slot + 2, and row 0 too when that is the last row
+        rows = torch.arange(memory.shape[0], device=memory.device)
+        write = (rows == base + 2) | ((rows == 0) & (slot == self.m))
+        memory = torch.where(write[:, None, None], step.unsqueeze(0), memory)
+        return memory, system, step
 
 
 register_solver("broyden", broyden)

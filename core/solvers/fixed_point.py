@@ -33,8 +33,9 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
             under torch.compile / torch.export it is on by itself.
         check_every: with sync_free in eager mode, read on the host every `check_every`
             steps whether a sample is still active and stop if none is; 0 or None: never
-            (the whole budget, as CUDA graphs need). Under torch.compile (no autograd)
-            fixed_point_iter stops when converged, in a `torch.while_loop`, unless
+            (the whole budget, as CUDA graphs need). Under torch.compile (no autograd,
+            not with return_final) fixed_point_iter, anderson and broyden stop when
+            converged, in a `torch.while_loop` (`FixedPointProblem.while_active`), unless
             check_every=0; None means: on CPU yes, on other devices the whole budget.
         batch_independent: eager only (masking under torch.compile, with a warning):
             converged samples leave later `func` calls, so
@@ -70,52 +71,21 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
         if tracker.done:
             break
     if peel and p.max_iter > 1:
-        z = tracker.freeze(z_next, z)
-        tracker, nfe = _while_converging(p, tracker, captured, z, tau)
+        tracker, nfe = p.while_active(tracker, captured, (tracker.freeze(z_next, z),),
+                                      lambda k, t, state: _step(p, t, k, state[0], tau))
         return p.result(tracker, captured, nfe)
     return p.result(tracker, captured)
 
 
-def _while_converging(p: FixedPointProblem, tracker, captured: dict, z, tau):
-    """Steps 2..max_iter as one `torch.while_loop` that stops when no sample is active:
-    the early exit of a compiled solve (a host check in the loop would break the graph).
-    `z` is the iterate of step 2; the tracker and `captured` hold step 1's results.
-    Returns a new tracker holding the last step's results (dynamo drops attributes set
-    after a while loop on an object made before it) and the number of calls (a tensor)."""
-    from torch._higher_order_ops.while_loop import while_loop
-
+def _step(p: FixedPointProblem, t, k, z, tau):
+    """Step k (a 0-dim tensor) of a compiled solve's while loop, from the iterate z."""
     sdt = p.norm_dtype
-    later = [i for i in p.indexing if i >= 2]
-    taken = tuple(tracker.best.clone() for _ in later)  # the states at `indexing` so far
-    seen = tuple(torch.zeros((), dtype=torch.bool, device=z.device) for _ in later)
-
-    def running(k, z, *carried):
-        return (k < p.max_iter) & carried[4].any()  # carried[4]: `active`
-
-    def step(k, z, *carried):
-        tensors, caps, flags = (carried[:len(tracker.CARRIED)],
-                                carried[len(tracker.CARRIED):][:len(later)],
-                                carried[len(tracker.CARRIED) + len(later):])
-        k = k + 1
-        t = tracker.replica(tensors, k)
-        fz = p.call_pure(z)
-        diff = fz - z
-        z_next = fz if tau == 1.0 else torch.add(z, diff, alpha=tau)
-        t.observe(k, z_next, torch.linalg.vector_norm(diff, dim=1, dtype=sdt),
-                  torch.linalg.vector_norm(fz, dim=1, dtype=sdt))
-        hit = [k == i for i in later]
-        caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
-        flags = tuple(f | h for f, h in zip(flags, hit))
-        return (k, t.freeze(z_next, z), *t.carry(), *caps, *flags)
-
-    one = torch.ones((), dtype=torch.long, device=z.device)
-    out = while_loop(running, step, (one, z.clone(), *[t.clone() for t in tracker.carry()],
-                                     *taken, *seen))
-    k, n = out[0], len(tracker.CARRIED)
-    final = tracker.replica(out[2:2 + n], k)
-    for i, cap, flag in zip(later, out[2 + n:2 + n + len(later)], out[2 + n + len(later):]):
-        captured[i] = torch.where(flag, cap, final.best)
-    return final, k  # one call per step
+    fz = p.call_pure(z)
+    diff = fz - z
+    z_next = fz if tau == 1.0 else torch.add(z, diff, alpha=tau)
+    t.observe(k, z_next, torch.linalg.vector_norm(diff, dim=1, dtype=sdt),
+              torch.linalg.vector_norm(fz, dim=1, dtype=sdt))
+    return (t.freeze(z_next, z),)
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,

@@ -11,9 +11,10 @@ Under torch.compile / torch.export (`core.utils.tracing`) every solve takes the 
 path by itself (eager bookkeeping on the host cannot be traced), `batch_independent`
 falls back to masking (with one warning). A host check for convergence would be a graph
 break inside the solver's loop, from which dynamo cannot resume (it then runs the loop
-eagerly and compiles its helpers one by one), so a compiled fixed-point iteration stops
-in a `torch.while_loop` (`early_exit_loop`: on CPU by default, `check_every=0` turns it
-off, not under autograd), and the other compiled solves run their whole budget.
+eagerly and compiles its helpers one by one), so a compiled solve with statistics (fixed-point iteration, Anderson, Broyden) stops
+in a `torch.while_loop` (`early_exit_loop`, `while_active`: on CPU by default,
+`check_every=0` turns it off, not under autograd, not with `return_final`); otherwise
+(CUDA graphs by default, autograd) a compiled solve runs its whole budget, masked.
 """
 from __future__ import annotations
 
@@ -88,10 +89,10 @@ class FixedPointProblem:
             sync_free, batch_independent = True, False
             if check_every is None:  # CPU: stop when converged; elsewhere (CUDA graphs): budget
                 check_every = 1 if x0_device(x0).type == "cpu" else 0
-            # fixed_point_iter stops with a torch.while_loop (no autograd through it);
-            # the other solvers, and solves under autograd, run their whole budget
+            # the solvers with statistics stop in a torch.while_loop (`while_active`; no
+            # autograd through it); solves under autograd run their whole budget
             self.early_exit_loop = (check_every > 0 and not torch.is_grad_enabled()
-                                    and name == "fixed_point_iter" and not return_final)
+                                    and not return_final)
             check_every = 0
         else:
             self.early_exit_loop = False
@@ -180,6 +181,53 @@ class FixedPointProblem:
         the calls counted here unless `nfe` is given)."""
         tracker.nfe = self.nfe if nfe is None else nfe
         return self.unpack(tracker.best), self.states_at(captured, tracker.best), tracker.info()
+
+    def while_active(self, tracker: SyncFreeTracker, captured: dict, state: tuple, step):
+        """Steps 2..max_iter as one `torch.while_loop` that stops when no sample is active:
+        the early exit of a compiled solve (`early_exit_loop`; a host check in the loop
+        would break the graph, from which dynamo cannot resume).
+
+        `state` is the solver's tensors after step 1 (iterate, history, ...), `tracker` and
+        `captured` hold step 1's results. `step(k, t, state) -> state` runs step k (a 0-dim
+        tensor) on `t`, a tracker holding step k - 1's results: it calls `t.observe(k, ...)`
+        once, `func` only through `call_pure`, and may change only tensors it makes (a
+        while loop's body must be pure); every tensor it returns has its input's shape,
+        dtype and strides. Returns a new tracker holding the last step's results (dynamo
+        drops attributes set after a while loop on an object made before it) and the
+        number of `func` calls, a tensor (one per step)."""
+        from torch._higher_order_ops.while_loop import while_loop
+
+        n_state, n_track = len(state), len(tracker.CARRIED)
+        active = n_state + tracker.CARRIED.index("active")
+        later = [i for i in self.indexing if i >= 2]
+        device = self.z0.device
+        taken = tuple(tracker.best.clone() for _ in later)  # the states at `indexing` so far
+        seen = tuple(torch.zeros((), dtype=torch.bool, device=device) for _ in later)
+
+        def running(k, *carried):
+            return (k < self.max_iter) & carried[active].any()
+
+        def body(k, *carried):
+            k = k + 1
+            t = tracker.replica(carried[n_state:n_state + n_track], k - 1)
+            new_state = step(k, t, carried[:n_state])
+            caps = carried[n_state + n_track:n_state + n_track + len(later)]
+            flags = carried[n_state + n_track + len(later):]
+            hit = [k == i for i in later]
+            caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
+            flags = tuple(f | h for f, h in zip(flags, hit))
+            return (k, *new_state, *t.carry(), *caps, *flags)
+
+        one = torch.ones((), dtype=torch.long, device=device)
+        # clones: a while loop's inputs may not alias each other
+        out = while_loop(running, body, (one, *[s.clone() for s in state],
+                                         *[t.clone() for t in tracker.carry()], *taken, *seen))
+        k = out[0]
+        final = tracker.replica(out[1 + n_state:1 + n_state + n_track], k)
+        rest = out[1 + n_state + n_track:]
+        for i, cap, flag in zip(later, rest[:len(later)], rest[len(later):]):
+            captured[i] = torch.where(flag, cap, final.best)
+        return final, k
 
     def states_at(self, captured: dict[int, torch.Tensor], final: torch.Tensor) -> list:
         """One state per entry of `indexing`: captured at that step, else the final best."""

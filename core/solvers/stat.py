@@ -364,6 +364,8 @@ class SyncFreeTracker:
     `max_iter` steps, unless `check_every` > 0: then every `check_every` steps `done`
     reads on the host whether any sample is still active (one synchronisation; eager
     sync-free solves only), and a finished solve pads its traces as the eager tracker does.
+    A compiled solve stops instead in a `torch.while_loop` that carries `carry()` and
+    tests `active` (`FixedPointProblem.while_active`).
     """
 
     all_active = False

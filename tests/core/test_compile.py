@@ -4,10 +4,10 @@ Under a trace the solvers take their sync-free path by themselves (the eager hos
 bookkeeping cannot be traced: fixed-point iteration crashed, Anderson returned a state
 0.087 away, Broyden recompiled on every ring slot). The default suite traces with
 `aot_eager` (the whole graph through AOTAutograd); inductor compiles C++ kernels and takes
-minutes per solver on 2 busy cores, so it is marked slow. A compiled fixed-point solve
-stops when converged (a torch.while_loop); compiled Anderson and Broyden run their whole
-budget, so their `nstep`/`nfe` differ from eager's early exit; the state and its residual
-do not.
+minutes per solver on 2 busy cores, so it is marked slow. A compiled solve stops when
+converged (a torch.while_loop), as eager does; the compiled Anderson and Broyden solve
+their small systems another way (an unrolled Cholesky, a masked LU), so a sample close
+to `tol` may stop a step apart.
 """
 import warnings
 
@@ -91,8 +91,8 @@ def _check_inference(solver, tuple_state, fullgraph, backend="aot_eager"):
         for key in ("abs_lowest", "rel_lowest"):
             assert torch.allclose(info[key], info_eager[key], rtol=1e-4, atol=1e-6), key
         assert info["abs_trace"].shape == info_eager["abs_trace"].shape
-        assert int(info_eager["nfe"]) < 14  # eager exits early; so does compiled fixed-point
-        assert int(info["nfe"]) == (int(info_eager["nfe"]) if solver == "fixed_point_iter" else 14)
+        assert int(info_eager["nfe"]) < 14  # eager exits early; so does the compiled solve
+        assert abs(int(info["nfe"]) - int(info_eager["nfe"])) <= (solver != "fixed_point_iter")
         if solver == "fixed_point_iter":  # torch.while_loop: the same steps as eager
             assert torch.equal(info["nstep"], info_eager["nstep"])
         assert info_eager["nstep"].min() < info_eager["nstep"].max()  # samples froze apart
@@ -105,6 +105,7 @@ def _check_inference(solver, tuple_state, fullgraph, backend="aot_eager"):
 
 # The default suite keeps one case (the training tests compile Anderson and a Broyden
 # tuple state fullgraph): compiles took 1.5 to 15 minutes each on the loaded 2-core machine
+# while Anderson and Broyden traced their 14 steps unrolled; in a while loop 11-28 s each
 @pytest.mark.parametrize("solver, tuple_state", [
     ("fixed_point_iter", False),
     pytest.param("broyden", True, marks=pytest.mark.slow),

@@ -4,10 +4,13 @@ fullgraph=True fails on any graph break, i.e. on any host synchronisation (`.ite
 a Python branch on a tensor value) or dynamic shape in the loop. The default suite
 traces with the `aot_eager` backend (the whole graph through AOTAutograd, ~10 s); the
 inductor backend compiles C++ kernels and took 95-120 s per solver on the shared 2-core
-machine, so it is marked slow.
+machine, so it is marked slow. Without autograd, on CPU, a compiled solve stops in a
+`torch.while_loop` when no sample is active (`FixedPointProblem.while_active`);
+`check_every=0` keeps the fixed budget that CUDA graphs need.
 """
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from core.solvers import anderson, broyden, fixed_point_iter
 
@@ -43,6 +46,67 @@ def _check_compiled_matches_eager(solver, backend):
                          ids=lambda s: s.__name__)
 def test_sync_free_compiles_fullgraph_aot_eager(solver):
     _check_compiled_matches_eager(solver, "aot_eager")
+
+
+def _contraction(tuple_state):
+    """f with ||W||_2 = 0.5 (tuple: a second part y <- tanh(V y + z[:, :8]) / 2), samples
+    of different scale: Anderson and Broyden converge to 1e-5 in about 10 steps."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=gen)
+    w = 0.5 * w / torch.linalg.matrix_norm(w, 2)
+    x = torch.randn(6, 32, generator=gen) * torch.logspace(-3, 0, 6)[:, None]
+    if not tuple_state:
+        return (lambda z: torch.tanh(z @ w.T + x)), torch.zeros(6, 32)
+    v = 0.3 * torch.randn(8, 8, generator=gen) / 8**0.5
+    return ((lambda s: (torch.tanh(s[0] @ w.T + x), torch.tanh(s[1] @ v.T + s[0][:, :8]) / 2)),
+            (torch.zeros(6, 32), torch.zeros(6, 8)))
+
+
+def _packed(state):
+    return torch.cat([t.flatten(1) for t in state], 1) if isinstance(state, tuple) else state
+
+
+def _compile_counted(fn, fullgraph):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=fullgraph, backend=counter), counter
+
+
+# The tuple cases keep m=3 pairs / entries, so the ~10-step solve wraps the ring around
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks-allowed"])
+@pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
+@pytest.mark.parametrize("solver", [anderson, broyden], ids=lambda s: s.__name__)
+def test_compiled_anderson_and_broyden_stop_when_converged(solver, tuple_state, fullgraph):
+    """Under torch.compile Anderson and Broyden stop in a torch.while_loop once no sample
+    is active, as fixed-point iteration does (they ran all 40 steps before)."""
+    func, z0 = _contraction(tuple_state)
+    kwargs = dict(max_iter=40, tol=1e-5, indexing=[2, 5, 40], **({"m": 3} if tuple_state else {}))
+    with torch.no_grad():
+        eager = solver(func, z0, **kwargs)
+        compiled, counter = _compile_counted(lambda z: solver(func, z, **kwargs), fullgraph)
+        z, states, info = compiled(z0)
+        z2, _, _ = compiled(z0)
+    assert counter.frame_count == 1  # one graph, no recompilation on the second call
+    assert (_packed(z) - _packed(eager[0])).abs().max() < 1e-5 and torch.equal(_packed(z), _packed(z2))
+    assert all((_packed(a) - _packed(b)).abs().max() < 1e-5 for a, b in zip(states, eager[1]))
+    assert info["abs_lowest"].max() < 1e-5
+    assert torch.allclose(info["abs_lowest"], eager[2]["abs_lowest"], rtol=1e-3, atol=1e-7)
+    assert int(info["nfe"]) <= 15 and int(info["nfe"]) == int(eager[2]["nfe"])
+    assert info["nstep"].max() <= 15 and info["nstep"].min() < info["nstep"].max()
+    assert info["abs_trace"].shape == (6, 41)  # padded past the last step, as eager
+
+
+@pytest.mark.parametrize("solver", [anderson, broyden], ids=lambda s: s.__name__)
+def test_compiled_check_every_0_runs_the_whole_budget(solver):
+    func, z0 = _contraction(False)
+    kwargs = dict(max_iter=14, tol=1e-5, m=3)  # short: the fixed budget is traced unrolled
+    with torch.no_grad():
+        eager = solver(func, z0, **kwargs)
+        compiled, counter = _compile_counted(lambda z: solver(func, z, check_every=0, **kwargs),
+                                             fullgraph=True)
+        z, _, info = compiled(z0)
+    assert int(info["nfe"]) == 14 and int(eager[2]["nfe"]) <= 11
+    assert (z - eager[0]).abs().max() < 1e-5 and info["abs_lowest"].max() < 1e-5
 
 
 @pytest.mark.slow
