@@ -10,7 +10,9 @@ phantom-gradient steps), Adam 1e-3; the one-pass network with the same parameter
 timed the same way. Video mode: batches of --coords random (t, row, col) coordinates, a
 solve every step (20 fixed-point steps, 2 states x 3 phantom-gradient steps, fixed-point
 correction). Prints one JSON line: seconds per step after the first, the first step,
-peak memory (CUDA: max allocated; CPU: peak RSS), parameters.
+peak memory (CUDA: max allocated; CPU: peak RSS), parameters. With --autograd-injection the
+same models are also timed with the injection's plain `nn.Linear` + `chunk` backward (the
+one before `CoordinateMap`), interleaved with the default, for the ratio.
 """
 from __future__ import annotations
 
@@ -23,7 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from core import fp_correction
-from zoo.deq_inr.model import DEQINR, count_parameters
+from zoo.deq_inr.model import DEQINR, Injection, count_parameters
+
+
+def autograd_injection(self: Injection, x: torch.Tensor) -> list[torch.Tensor]:
+    """Injection.forward through autograd's linear + chunk (siren_like / fourier only)."""
+    u = self.x_map(x)
+    return list((torch.sin(u) if self.filter != "siren_like" else u).chunk(self.chunks, dim=-1))
 
 
 def peak_mb(device: torch.device) -> float:
@@ -62,6 +70,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--autograd-injection", action="store_true",
+                   help="also time the injection's plain autograd backward (interleaved)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -81,8 +91,14 @@ def main() -> None:
     result = {"size": a.size, "mode": "video" if a.video else "image", "coords": len(x),
               "device": str(device), "threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    for name, one_pass in (("deq", False), ("one_pass", True)):
+    variants = [("deq", False, None), ("one_pass", True, None)]
+    if a.autograd_injection:
+        variants = [v for name, one_pass in (("deq", False), ("one_pass", True))
+                    for v in ((name, one_pass, None), (f"{name}_autograd_injection", one_pass, autograd_injection))]
+    for name, one_pass, injection_forward in variants:
         model = DEQINR(x.shape[1], y.shape[1], a.size, input_scale=scale, deq=deq, one_pass=one_pass).to(device)
+        if injection_forward is not None:
+            model.injection.forward = injection_forward.__get__(model.injection)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         first, step = time_steps(model, x, y, a.steps, warm=not a.video and not one_pass, device=device)
