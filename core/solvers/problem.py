@@ -11,10 +11,11 @@ Under torch.compile / torch.export (`core.utils.tracing`) every solve takes the 
 path by itself (eager bookkeeping on the host cannot be traced), `batch_independent`
 falls back to masking (with one warning). A host check for convergence would be a graph
 break inside the solver's loop, from which dynamo cannot resume (it then runs the loop
-eagerly and compiles its helpers one by one), so a compiled solve with statistics (fixed-point iteration, Anderson, Broyden) stops
-in a `torch.while_loop` (`early_exit_loop`, `while_active`: on CPU by default,
-`check_every=0` turns it off, not under autograd, not with `return_final`); otherwise
-(CUDA graphs by default, autograd) a compiled solve runs its whole budget, masked.
+eagerly and compiles its helpers one by one), so a compiled solve with statistics
+(fixed-point iteration, Anderson, Broyden) stops in a `torch.while_loop`
+(`early_exit_loop`, `while_active`: on CPU by default, `check_every=0` turns it off, not
+under autograd, not with `return_final`); otherwise (CUDA graphs by default, autograd) a
+compiled solve runs its whole budget, masked.
 """
 from __future__ import annotations
 
