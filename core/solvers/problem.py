@@ -15,7 +15,10 @@ eagerly and compiles its helpers one by one), so a compiled solve with statistic
 (fixed-point iteration, Anderson, Broyden) stops in a `torch.while_loop`
 (`early_exit_loop`, `while_active`: on CPU by default, `check_every=0` turns it off, not
 under autograd, not with `return_final`); otherwise (CUDA graphs by default, autograd) a
-compiled solve runs its whole budget, masked.
+compiled solve runs its whole budget, masked. "Under autograd" means grad mode on at the
+solver call: a DEQ's forward solve runs under no_grad (`DEQBase._solve`), so the compiled
+training step's solve stops in the while loop too, although `func` closes over parameters
+that require grad (test_compile: test_compiled_training_step_solve_stops_when_converged).
 """
 from __future__ import annotations
 
