@@ -31,7 +31,8 @@ from zoo.deq_flow.data import EvalSet, FlowData, build_datasets, collate_pairs
 from zoo.deq_flow.metrics import FlowMeter, flow_loss
 from zoo.deq_flow.model import DEQFlow, InputPadder, RAFTBaseline, get_size
 
-SIZE_FIELDS = ("hidden_dim", "context_dim", "feature_dim", "head_dim", "encoder_dims", "mask_dim")
+SIZE_FIELDS = ("hidden_dim", "context_dim", "feature_dim", "corr_dims", "flow_dims", "cat_dim", "head_dim",
+               "encoder_dims", "mask_dim")
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
