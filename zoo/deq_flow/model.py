@@ -83,7 +83,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.InstanceNorm2d(channels)  # no affine parameters, as RAFT
     if kind == "batch":
         return nn.BatchNorm2d(channels)
-    raise ValueError(f"norm {kind!r}: instance or batch")
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm {kind!r}: instance, batch or none")
 
 
 class ResidualBlock(nn.Module):
@@ -269,15 +271,20 @@ class DEQFlow(nn.Module):
     best), ``info`` the solver statistics, ``state`` the final ``(h, flow/8-res)`` pair,
     detached. ``init`` warm-starts the solver: a 1/8-resolution flow (N, 2, H/8, W/8), or an
     ``(h, flow)`` state returned by an earlier call (fixed-point reuse along a sequence).
+    ``context_norm`` is the context encoder's norm: ``batch`` (upstream) or ``none``
+    (raft_small's choice, and the offline recipe's: at batch 8 from scratch BatchNorm there
+    held the DEQ at 0.79 of zero flow's AEPE after 200 steps, against 0.57 without).
     """
 
     def __init__(self, size: str | FlowSize = "B", deq: Any = None, all_grad: bool = False,
-                 dropout: float = 0.0, freeze_bn: bool = False):
+                 dropout: float = 0.0, freeze_bn: bool = False, context_norm: str = "batch"):
         super().__init__()
         self.size = size = get_size(size)
         self.all_grad, self.freeze_bn = bool(all_grad), bool(freeze_bn)
         self.fnet = Encoder(size.feature_dim, "instance", size.encoder_dims, dropout)
-        self.cnet = Encoder(size.context_dim, "batch", size.encoder_dims, dropout)
+        if context_norm not in ("batch", "none"):
+            raise ValueError(f"model.context_norm={context_norm!r}: batch or none")
+        self.cnet = Encoder(size.context_dim, context_norm, size.encoder_dims, dropout)
         self.update_block = UpdateBlock(size)
         self.mask = nn.Sequential(nn.Conv2d(size.hidden_dim, size.mask_dim, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(size.mask_dim, 64 * 9, 1))

@@ -44,7 +44,7 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
         raise ValueError(f"model.arch={m.arch!r}: deq_flow or raft_small")
     size = get_size(str(m.size), **{k: m.get(k) for k in SIZE_FIELDS})
     return DEQFlow(size, deq=cfg.deq, all_grad=bool(m.all_grad), dropout=float(m.dropout),
-                   freeze_bn=bool(m.freeze_bn))
+                   freeze_bn=bool(m.freeze_bn), context_norm=str(m.get("context_norm", "batch")))
 
 
 def optimizer_options(cfg: DictConfig) -> dict:

@@ -73,6 +73,18 @@ def test_frozen_batch_norm_stays_in_eval_mode_while_training():
     assert torch.equal(bns[0].running_mean, before)
 
 
+def test_context_encoder_without_norm_is_batch_independent():
+    torch.manual_seed(0)
+    model = DEQFlow("cpu", deq=STEP_DEQ, context_norm="none").train()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.cnet.modules())
+    img1, img2 = torch.rand(2, 2, 3, 64, 64) * 2 - 1
+    both = model(img1, img2)[0][-1]
+    first = model(img1[:1], img2[:1])[0][-1]  # no batch statistics: pair 0 alone gives the same flow
+    assert torch.allclose(both[:1], first, atol=1e-5)
+    with pytest.raises(ValueError, match="context_norm"):
+        DEQFlow("cpu", context_norm="group")
+
+
 def test_warm_start_from_the_previous_frame_converges_in_fewer_steps():
     torch.manual_seed(0)
     model = DEQFlow("cpu", deq=dict(f_solver="fixed_point_iter", f_max_iter=40, f_tol=3e-2,
