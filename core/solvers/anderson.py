@@ -152,9 +152,9 @@ def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_History", mixer: "_M
 class _History:
     """The ring of f(x_i) and g_i = f(x_i) - x_i, with every view made once.
 
-    Holds the history f and g, (B, m, D) each, and two buffers the mixed iterates alternate in (func
-    gets one while the other holds the previous iterate, which a frozen sample keeps).
-    On CPU a tensor view costs as much as a small kernel (2-5 us a dispatch), so the
+    Holds the history f and g, (B, m, D) each, and two buffers the mixed iterates
+    alternate in (func gets one while the other holds the previous iterate, which a
+    frozen sample keeps). On CPU a tensor view costs as much as a small kernel (2-5 us a dispatch), so the
     slots, prefixes and transposes the loop reads are cut once and kept, and the whole
     object serves solve after solve (`workspace.reuse`): every entry a solve reads, it
     has written first. In eager mode the new entry is written in place (`out=`) and the
@@ -176,7 +176,8 @@ class _History:
             self.f = new(batch, m, dim, dtype=dtype, device=device)
             self.g = new(batch, m, dim, dtype=dtype, device=device)
         else:
-            self.f, self.g = torch.empty(2, batch, m, dim, dtype=dtype, device=device).unbind(0)  # (B, m, D) each
+            history = torch.empty(2, batch, m, dim, dtype=dtype, device=device)
+            self.f, self.g = history.unbind(0)  # (B, m, D) each
         self.f_slots, self.g_slots = self.f.unbind(1), self.g.unbind(1)  # (B, D) each
         self.g_rows = self.g.split(1, dim=1)  # (B, 1, D) each
         self.iterate_rows = iterates.unbind(0)  # (B, 1, D) each

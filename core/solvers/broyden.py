@@ -177,7 +177,8 @@ class _PairRing:
         self.m, self.slots = m, m + 1
         # `zeroed` (a compiled solve's while loop reads every slot): rows not written yet
         # are zeros, so their coefficient of exactly 0 gives exactly 0
-        self.memory = (torch.zeros if zeroed else torch.empty)(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
+        new = torch.zeros if zeroed else torch.empty
+        self.memory = new(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
         self.rows = self.memory.unbind(0)  # (B, D) each
         self.system = torch.empty(batch, self.slots, self.slots, dtype=dtype, device=device)  # K
         self.dots = torch.empty(batch * 3 * 2 * self.slots, dtype=dtype, device=device)
@@ -288,7 +289,6 @@ class _PairRing:
         if slot == self.m:  # the step went to the last row: slot 0's s is row 0
             self.rows[0].copy_(step)
         return step
-
 
     def add_and_step_at(self, memory, system, count: torch.Tensor, g, fx, fx_prev, states=None):
         """`add_and_step` in a compiled solve's while loop, out of place: `count` (a 0-dim
