@@ -83,7 +83,10 @@ def mdeq_digits(deq_options):
     from zoo.common import compose
     from zoo.mdeq.train import build_model
 
-    overrides = ["+experiment=digits"] + [f"deq.{k}={v}" for k, v in deq_options.items()]
+    def value(v):  # a dict in Hydra's override grammar: {key:value}
+        return "{" + ",".join(f"{k}:{x}" for k, x in v.items()) + "}" if isinstance(v, dict) else v
+
+    overrides = ["+experiment=digits"] + [f"deq.{k}={value(v)}" for k, v in deq_options.items()]
     model = build_model(compose("mdeq", overrides))
     return model, torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -109,11 +112,15 @@ def loss_of(out):
     return out.float().square().mean()
 
 
-def make_cases(problem, options, mode):
-    """{impl: (train_step, infer)} closures."""
+def make_cases(problem, options, mode, check_every=None):
+    """{impl: (train_step, infer)} closures; `check_every`: the compiled solve's steps per
+    while-loop iteration (None: core's default)."""
     cases = {}
     for impl in ("torchdeq", "core", "compiled"):
-        model, x = build(problem, impl, options)
+        build_options = options
+        if impl == "compiled" and check_every is not None:
+            build_options = dict(options, f_solver_kwargs={"check_every": check_every})
+        model, x = build(problem, impl, build_options)
         if model is None:
             continue
         forward = model
@@ -149,7 +156,7 @@ def run(args):
     if args.ift:
         options.update(ift=True)
     for problem in args.problems:
-        cases = make_cases(problem, options, args.mode)
+        cases = make_cases(problem, options, args.mode, args.check_every)
         for kind, index in (("train step", 0), ("inference", 1)):
             start = time.perf_counter()
             for impl, fns in cases.items():  # warm-up; the compiled one compiles here
@@ -186,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--tol", type=float, default=1e-4, help="abs tolerance (the race's)")
     parser.add_argument("--ift", action="store_true", help="IFT backward instead of phantom")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: inductor default)")
+    parser.add_argument("--check-every", type=int, default=None,
+                        help="compiled solve: steps per while-loop iteration (default: core's)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path)

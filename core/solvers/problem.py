@@ -97,9 +97,11 @@ class FixedPointProblem:
             # autograd through it); solves under autograd run their whole budget
             self.early_exit_loop = (check_every > 0 and not torch.is_grad_enabled()
                                     and not return_final)
+            self.loop_every = check_every  # steps a while-loop iteration runs (`while_active`)
             check_every = 0
         else:
             self.early_exit_loop = False
+            self.loop_every = 0
         self.check_every = check_every or 0
         self.name = name
         self.func = func
@@ -198,9 +200,15 @@ class FixedPointProblem:
         while loop's body must be pure); every tensor it returns has its input's shape,
         dtype and strides. Returns a new tracker holding the last step's results (dynamo
         drops attributes set after a while loop on an object made before it) and the
-        number of `func` calls, a tensor (one per step)."""
+        number of `func` calls, a tensor (one per step).
+
+        One iteration of the loop runs `loop_every` steps (`check_every` under compile):
+        fewer iterations for the loop's driver to run, the convergence test once an
+        iteration; the steps after the last sample stops (or past `max_iter`) change
+        nothing but are counted as `func` calls."""
         from torch._higher_order_ops.while_loop import while_loop
 
+        every = max(self.loop_every, 1)
         n_state, n_track = len(state), len(tracker.CARRIED)
         active = n_state + tracker.CARRIED.index("active")
         later = [i for i in self.indexing if i >= 2]
@@ -212,14 +220,22 @@ class FixedPointProblem:
             return (k < self.max_iter) & carried[active].any()
 
         def body(k, *carried):
-            k = k + 1
-            t = tracker.replica(carried[n_state:n_state + n_track], k - 1)
-            new_state = step(k, t, carried[:n_state])
+            t = tracker.replica(carried[n_state:n_state + n_track], k)
+            new_state = carried[:n_state]
             caps = carried[n_state + n_track:n_state + n_track + len(later)]
             flags = carried[n_state + n_track + len(later):]
-            hit = [k == i for i in later]
-            caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
-            flags = tuple(f | h for f, h in zip(flags, hit))
+            for sub in range(every):
+                k = k + 1
+                if not sub:
+                    new_state = step(k, t, new_state)
+                else:  # a step past the budget changes nothing, its trace row included
+                    within = k <= self.max_iter
+                    t.active, trace = t.active & within, t.trace
+                    new_state = step(k.clamp(max=self.max_iter), t, new_state)
+                    t.trace = torch.where(within, t.trace, trace)
+                hit = [k == i for i in later]
+                caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
+                flags = tuple(f | h for f, h in zip(flags, hit))
             return (k, *new_state, *t.carry(), *caps, *flags)
 
         one = torch.ones((), dtype=torch.long, device=device)

@@ -96,6 +96,35 @@ def test_compiled_anderson_and_broyden_stop_when_converged(solver, tuple_state, 
     assert info["abs_trace"].shape == (6, 41)  # padded past the last step, as eager
 
 
+# max_iter 40: converged after about 10 steps; max_iter 7 (tol 1e-12): the budget ends
+# the solve, in the middle of a 3- or 4-step iteration (6 % 4, 6 % 3 = 0 and 6 % 4 = 2)
+@pytest.mark.parametrize("max_iter, tol", [(40, 1e-5), (7, 1e-12)], ids=["converges", "budget"])
+@pytest.mark.parametrize("every", [3, 4])
+@pytest.mark.parametrize("solver", [fixed_point_iter, anderson, broyden], ids=lambda s: s.__name__)
+def test_compiled_check_every_runs_that_many_steps_per_loop_iteration(solver, every, max_iter, tol):
+    """Under compile check_every=N runs N steps in each while-loop iteration: the result,
+    the captured states and the statistics are eager's; the steps after the stop (or past
+    max_iter) change nothing and are counted as calls."""
+    func, z0 = _contraction(False)
+    kwargs = dict(max_iter=max_iter, tol=tol, indexing=[2, 5, max_iter])
+    with torch.no_grad():
+        eager = solver(func, z0, **kwargs)
+        compiled, counter = _compile_counted(lambda z: solver(func, z, check_every=every, **kwargs),
+                                             fullgraph=True)
+        z, states, info = compiled(z0)
+    assert counter.frame_count == 1
+    assert (z - eager[0]).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(states, eager[1]))
+    for key in ("nstep", "n_fallback"):
+        assert torch.equal(info[key].double(), eager[2][key].double()), key
+    for key in ("abs_lowest", "abs_trace", "rel_trace"):
+        assert torch.allclose(info[key], eager[2][key], rtol=1e-3, atol=1e-7), key
+    nfe, eager_nfe = int(info["nfe"]), int(eager[2]["nfe"])
+    assert (nfe - 1) % every == 0 and eager_nfe <= nfe < eager_nfe + every
+    if max_iter == 40:
+        assert eager_nfe < 20
+
+
 @pytest.mark.parametrize("solver", [anderson, broyden], ids=lambda s: s.__name__)
 def test_compiled_check_every_0_runs_the_whole_budget(solver):
     func, z0 = _contraction(False)
