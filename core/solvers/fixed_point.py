@@ -37,6 +37,8 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
             not with return_final) fixed_point_iter, anderson and broyden stop when
             converged, in a `torch.while_loop` (`FixedPointProblem.while_active`), unless
             check_every=0; None means: on CPU yes, on other devices the whole budget.
+            There check_every=N runs N steps in each iteration of the loop (one
+            convergence test per N steps; `nfe` counts the steps run after the stop).
         batch_independent: eager only (masking under torch.compile, with a warning):
             converged samples leave later `func` calls, so
             `func` must treat rows independently; if it has a `rows` keyword it is given
