@@ -154,12 +154,12 @@ class _History:
 
     Holds the history f and g, (B, m, D) each, and two buffers the mixed iterates
     alternate in (func gets one while the other holds the previous iterate, which a
-    frozen sample keeps). On CPU a tensor view costs as much as a small kernel (2-5 us a dispatch), so the
-    slots, prefixes and transposes the loop reads are cut once and kept, and the whole
-    object serves solve after solve (`workspace.reuse`): every entry a solve reads, it
-    has written first. In eager mode the new entry is written in place (`out=`) and the
-    mixed iterate goes into one of the two iterate buffers; sync-free mode uses
-    functional ops (torch.compile rejects `out=` into strided views).
+    frozen sample keeps). On CPU a tensor view costs as much as a small kernel (2-5 us a
+    dispatch), so the slots, prefixes and transposes the loop reads are cut once and
+    kept, and the whole object serves solve after solve (`workspace.reuse`): every entry
+    a solve reads, it has written first. In eager mode the new entry is written in place
+    (`out=`) and the mixed iterate goes into one of the two iterate buffers; sync-free
+    mode uses functional ops (torch.compile rejects `out=` into strided views).
     """
 
     def __init__(self, m: int, batch: int, dim: int, dtype: torch.dtype, device: torch.device,
