@@ -13,13 +13,13 @@ from zoo.common.data import MissingDataError, require_files
 from zoo.common.distributed import ResumableSampler, all_reduce_mean
 from zoo.common.hydra_main import compose, zoo_main
 from zoo.common.logger import deq_metrics, peak_memory_mb, read_metrics
-from zoo.common.optim import build_optimizer, build_scheduler, clip_gradients
+from zoo.common.optim import ClockedSchedule, build_optimizer, build_scheduler, clip_gradients
 from zoo.common.results import read_results
 from zoo.common.evaluation import evaluate_checkpoint
 from zoo.common.run import FitOutput, Run, seed_everything
 
 __all__ = [
-    "CheckpointManager", "FitOutput", "MissingDataError", "ResumableSampler", "Run", "all_reduce_mean",
+    "CheckpointManager", "ClockedSchedule", "FitOutput", "MissingDataError", "ResumableSampler", "Run", "all_reduce_mean",
     "build_optimizer", "build_scheduler", "check_types", "clip_gradients", "compose", "deq_metrics",
     "evaluate_checkpoint",
     "latest_valid", "load_checkpoint", "peak_memory_mb", "read_metrics", "read_results", "require_files",

@@ -15,12 +15,14 @@ Config shapes (any mapping: a DictConfig node, a dict)::
 
 Schedules are stepped once per optimiser step (``total_steps`` = the run's step count),
 which matches the recipes (MDEQ's per-iteration cosine, DEQ-Flow's OneCycleLR, the
-DEQ Transformer's warm-up + cosine).
+DEQ Transformer's warm-up + cosine). `ClockedSchedule` drives any of them by the share
+of a time budget spent instead (a run that trains for N minutes, not N steps).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+import time
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
@@ -145,3 +147,45 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], cfg: Mapping[str, A
     if value is not None and float(value) > 0:
         torch.nn.utils.clip_grad_value_(params, float(value))
     return None
+
+
+class ClockedSchedule:
+    """A per-step schedule that follows the share of a time budget spent, not the step count.
+
+    ``inner`` is a schedule built over ``resolution`` steps (`build_scheduler`); each
+    `step` moves it to the step of the budget's share spent so far, so a warm-up and an
+    anneal take the same share of the budget however fast the steps turn out. The clock
+    (``clock``: ``time.perf_counter`` or ``time.process_time``) runs from construction;
+    `done` is True once ``budget_s`` is spent (`Run.fit`'s ``until``). The time spent is
+    checkpointed with the schedule, so a resumed run goes on where it stopped.
+    """
+
+    def __init__(self, inner: LRScheduler, resolution: int, budget_s: float,
+                 clock: Callable[[], float] = time.perf_counter):
+        if resolution < 1 or budget_s <= 0:
+            raise ValueError(f"ClockedSchedule: resolution={resolution} and budget_s={budget_s} must be > 0")
+        self.inner, self.resolution, self.budget_s, self.clock = inner, int(resolution), float(budget_s), clock
+        self.spent_before_s = 0.0
+        self._start = clock()
+
+    def elapsed_s(self) -> float:
+        return self.spent_before_s + self.clock() - self._start
+
+    def done(self, step: int | None = None) -> bool:
+        """The budget is spent (``step`` is ignored: the signature of `Run.fit`'s ``until``)."""
+        return self.elapsed_s() >= self.budget_s
+
+    def step(self) -> None:
+        share = min(self.elapsed_s() / self.budget_s, 1.0)
+        self.inner.last_epoch = min(int(share * self.resolution), self.resolution - 1) - 1
+        self.inner.step()  # the closed-form schedules compute the lr of last_epoch + 1
+
+    def get_last_lr(self) -> list[float]:
+        return self.inner.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "spent_s": self.elapsed_s()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.spent_before_s, self._start = float(state["spent_s"]), self.clock()

@@ -408,7 +408,7 @@ class Run:
             batches: Callable[[int, int], Iterable], total_steps: int, optimizer: Any = None,
             scheduler: Any = None, evaluate: Optional[Callable[[int], Mapping[str, Any]]] = None,
             eval_every: int | None = None, ckpt_every: int | None = None, extra_state: Mapping[str, Any] | None = None,
-            desc: str = "train") -> FitOutput:
+            desc: str = "train", until: Optional[Callable[[int], bool]] = None) -> FitOutput:
         """A step-based training loop with logging, evaluation, checkpoints and exact resume.
 
         ``train_step(batch, step)`` runs one optimiser step (``step`` counts from 1) and
@@ -418,7 +418,9 @@ class Run:
         one). ``evaluate(step)`` returns metrics (with an optional ``deq_info``); it runs
         every ``eval_every`` steps and at the end. Checkpoints every ``ckpt_every`` steps
         (default ``checkpoint.every``), at the end and on SIGTERM/SIGUSR2. ``extra_state``:
-        more objects with ``state_dict``/``load_state_dict`` to checkpoint.
+        more objects with ``state_dict``/``load_state_dict`` to checkpoint. ``until(step)``,
+        asked after every step, ends the training there when it is True on any rank (a time
+        budget): the run completes as at ``total_steps``, which is then only a cap.
         """
         if ckpt_every is None:
             ckpt_every = int(OmegaConf.select(self.cfg, "checkpoint.every", default=0) or 0)
@@ -495,7 +497,7 @@ class Run:
                     self._plot_curve()
                     self._hand_over_signal()
                     return output
-                if step >= total_steps:
+                if step >= total_steps or (until is not None and zdist.any_rank(bool(until(step)))):
                     break
                 t0 = time.perf_counter()
             else:
@@ -504,6 +506,7 @@ class Run:
                 epoch += 1
                 batch_in_epoch = 0
                 continue
+            break  # the inner loop ended the training (total_steps or `until`)
         self._close_bar(bar)
         if evaluate is not None:
             self._evaluate(evaluate, model, step, output)

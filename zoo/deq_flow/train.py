@@ -8,10 +8,11 @@ FlyingChairs-like pairs made from scikit-image pictures) and ``synthetic_raft``
 
 The loss is the fixed-point correction of DEQ-Flow: the masked L1 of every flow the DEQ
 returns (``deq.n_states``; RAFT: every update), weighted ``deq.gamma``^(n-k-1). With
-``train.time_budget_min`` the step count is set from the measured time of the first
-steps, so that training takes about that long on ``train.budget_clock`` (``wall``, or
-``cpu``: this process's CPU time, which on a shared machine stands for the wall time of
-the same single-threaded run alone); the offline runs give DEQ-Flow and RAFT the same budget. At the end the run evaluates ``eval.sets`` (AEPE, n-px accuracy; KITTI
+``train.time_budget_min`` the training takes that long on ``train.budget_clock``
+(``wall``, or ``cpu``: this process's CPU time, which on a shared machine stands for the
+wall time of the same single-threaded run alone): the schedule follows the share of the
+budget spent and the run ends when it is spent; the offline runs give DEQ-Flow and RAFT
+the same budget. At the end the run evaluates ``eval.sets`` (AEPE, n-px accuracy; KITTI
 AEPE and F1-all), zero flow on the same sets, the test-time iteration sweep
 (``eval.sweep``), the warm-start check on synthetic 3-frame sequences
 (``eval.warm_start_check``) and draws ``flow_examples.png``.
@@ -25,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from zoo.common import Run, build_optimizer, build_scheduler, zoo_main
+from zoo.common import ClockedSchedule, Run, build_optimizer, build_scheduler, zoo_main
 from zoo.common.sweep import format_sweep, residual_summary, save_sweep, sweep_rows
 from zoo.deq_flow.data import EvalSet, FlowData, build_datasets, collate_pairs
 from zoo.deq_flow.metrics import FlowMeter, flow_loss
@@ -180,10 +181,14 @@ def final_reports(model: torch.nn.Module, data: FlowData, cfg: DictConfig, run: 
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+BUDGET_STEP_CAP = 1.5  # a time-budgeted run stops at this many times the calibrated steps at most
 
 
 def calibrate_steps(train_step, batches, budget_s: float, clock: str = "wall", probe: int = 3) -> tuple[int, float]:
     """Steps that fit in ``budget_s``: times ``probe`` steps (batch + forward + backward, no update).
+
+    The estimate sizes the schedule's resolution and the step cap; the run itself ends when
+    the clock says so (`ClockedSchedule`), as the probe is off by a few per cent.
 
     ``clock="cpu"`` measures this process's CPU time: on a shared machine it stands for the
     wall time the same single-threaded run takes alone (run with ``train.cpu_threads=1``).
@@ -227,22 +232,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 epe = ((flows[-1] - flow).norm(dim=1) * valid).sum() / valid.sum().clamp_min(1)
             return {"train/loss": loss.detach(), "train/epe": epe, "deq_info": info}
 
-        steps, step_s = int(cfg.train.steps), None
+        steps, step_s, until = int(cfg.train.steps), None, None
         if cfg.train.get("time_budget_min"):
             clock = str(cfg.train.get("budget_clock", "wall"))
-            steps, step_s = calibrate_steps(train_step, batches, 60.0 * float(cfg.train.time_budget_min), clock)
+            budget_s = 60.0 * float(cfg.train.time_budget_min)
+            expected, step_s = calibrate_steps(train_step, batches, budget_s, clock)
+            steps = int(BUDGET_STEP_CAP * expected) + 1
             run.say(f"time budget {cfg.train.time_budget_min} min ({clock} clock) at {step_s:.2f} s/step: "
-                    f"{steps} steps")
-        scheduler = state["scheduler"] = build_scheduler(optimizer, cfg.sched, steps)
+                    f"about {expected} steps (at most {steps}); the schedule follows the clock")
+            scheduler = ClockedSchedule(build_scheduler(optimizer, cfg.sched, expected), expected, budget_s,
+                                        CLOCKS[clock])
+            until = scheduler.done
+        else:
+            scheduler = build_scheduler(optimizer, cfg.sched, steps)
+        state["scheduler"] = scheduler
 
         def evaluate(step):
             return evaluate_all(model, data, cfg, run.device)
 
         out = run.fit(model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
-                      batches=batches, total_steps=steps, evaluate=evaluate, eval_every=cfg.train.eval_every)
+                      batches=batches, total_steps=steps, evaluate=evaluate, eval_every=cfg.train.eval_every,
+                      until=until)
         if out.status == "completed":
             extra = final_reports(model, data, cfg, run)
-            extra.update({"params": sum(p.numel() for p in model.parameters()), "train_steps": steps,
+            extra.update({"params": sum(p.numel() for p in model.parameters()), "train_steps": out.step,
                           "calibrated_step_s": step_s, "process_cpu_s": time.process_time()})
             run.write_results(out.metrics, deq_stats=out.deq, extra=extra)
         return out.metrics

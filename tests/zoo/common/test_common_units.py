@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-from zoo.common import (CheckpointManager, MissingDataError, ResumableSampler, build_optimizer,
+from zoo.common import (CheckpointManager, ClockedSchedule, MissingDataError, ResumableSampler, build_optimizer,
                         build_scheduler, clip_gradients, compose, deq_metrics, latest_valid,
                         load_checkpoint, require_files)
 from zoo.common.checkpoint import rng_state, set_rng_state
@@ -102,6 +102,40 @@ def test_one_cycle_peaks_at_pct_start_and_anneals_linearly():
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 5
     assert lrs[13] - lrs[12] == pytest.approx(lrs[14] - lrs[13])  # linear anneal
     assert lrs[-1] == pytest.approx(1.0 / 10 / 100)
+
+
+def test_clocked_schedule_follows_the_share_of_the_budget_spent_and_resumes():
+    sched_cfg = {"name": "one_cycle", "pct_start": 0.24, "div_factor": 10, "final_div_factor": 100}
+    by_step = _lrs(sched_cfg, total=25)
+
+    def clocked(now):
+        opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"name": "sgd", "lr": 1.0})
+        return opt, ClockedSchedule(build_scheduler(opt, sched_cfg, 25), 25, budget_s=50.0, clock=lambda: now[0])
+
+    now = [100.0]
+    opt, sched = clocked(now)
+    lrs = []
+    for t in (110.0, 120.0, 137.0, 149.9):  # 20, 40, 74 and 99.8% of the budget: steps 5, 10, 18, 24
+        now[0] = t
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        assert not sched.done()
+    assert lrs == pytest.approx([by_step[5], by_step[10], by_step[18], by_step[24]])
+    now[0] = 150.0
+    assert sched.done()
+    # a resumed run: another clock, the 20 s spent come back from the checkpoint
+    now[0] = 120.0
+    state = sched.state_dict()
+    later = [7.0]
+    opt2, resumed = clocked(later)
+    resumed.load_state_dict(state)
+    later[0] = 24.0
+    opt2.step()
+    resumed.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(by_step[18]) and not resumed.done()
+    later[0] = 37.0
+    assert resumed.done()
 
 
 def test_step_schedule_and_optimizer_errors():

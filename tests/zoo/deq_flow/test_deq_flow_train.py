@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from zoo.common import MissingDataError, compose
+from zoo.common import MissingDataError, build_optimizer, build_scheduler, compose
 from zoo.deq_flow.metrics import flow_loss
 from zoo.deq_flow.model import DEQFlow
 from zoo.deq_flow.synthetic import SyntheticFlow
@@ -92,6 +92,37 @@ def test_short_offline_run_writes_results_pictures_and_evaluates_again(tmp_path,
                                                 "eval.warm_start_check=false", *QUIET],
                                    return_hydra_config=True))
     assert again["val/aepe"] == pytest.approx(metrics["val/aepe"], rel=1e-5)
+
+
+def test_a_time_budget_ends_the_run_when_its_clock_says_so(tmp_path, monkeypatch):
+    """A fake clock that advances 1 s at every reading: the probe steps read 1 s each, so
+    the 12 s budget calibrates to 12 steps (cap 19); the training reads it twice a step (the
+    schedule, then the stop test), so the budget is spent after 6 steps, and step k + 1 runs
+    at the lr of step 2k - 1 of the 12-step schedule."""
+    import zoo.deq_flow.train as flow_train
+
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setitem(flow_train.CLOCKS, "wall", lambda: float(next(ticks)))
+    monkeypatch.setenv("ZOO_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.chdir(tmp_path)
+    small = ["+experiment=synthetic", "train.time_budget_min=0.2", "train.budget_clock=wall", "train.batch_size=2",
+             "data.image_size=[64,64]", "data.val_size=2", "eval.sets=[val]", "eval.sweep=false",
+             "eval.warm_start_check=false", "eval.examples=0", "train.eval_batch_size=2", "deq.f_max_iter=2",
+             "log.every=1", *QUIET]
+    cfg = compose("deq_flow", small, return_hydra_config=True)
+    train(cfg)
+    run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed" and results["steps"] == 6
+    assert results.get("extra", results)["train_steps"] == 6
+    lrs = [r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"name": "adamw", "lr": 8e-4})
+    sched, by_step = build_scheduler(opt, cfg.sched, 12), []
+    for _ in range(12):
+        by_step.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([by_step[0], by_step[1], by_step[3], by_step[5], by_step[7], by_step[9]])
 
 
 def test_evaluate_a_published_checkpoint_on_sintel_fixtures(tmp_path, monkeypatch, flow_trees,
