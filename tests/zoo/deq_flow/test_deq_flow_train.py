@@ -22,7 +22,7 @@ QUIET = ["logger.wandb.mode=disabled", "log.progress=false"]
     ("things_h_3x", "simple_fixed_point_iter", 40, 2, 3, "H", True, "deq_flow_h_torchdeq_3x"),
     ("sintel_eval", "fixed_point_iter", 40, 1, 1, "B", False, "deq_flow_b_torchdeq"),
     ("kitti_eval_h", "fixed_point_iter", 40, 1, 1, "H", False, "deq_flow_h_torchdeq"),
-    ("synthetic", "fixed_point_iter", 8, 2, 3, "cpu", False, None),
+    ("synthetic", "fixed_point_iter", 6, 2, 3, "cpu", False, None),
 ])
 def test_experiments_carry_the_recipes_and_their_table4_row(experiment, solver, iters, n_states, grad, size,
                                                             all_grad, row):
