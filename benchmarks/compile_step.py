@@ -112,9 +112,10 @@ def loss_of(out):
     return out.float().square().mean()
 
 
-def make_cases(problem, options, mode, check_every=None):
+def make_cases(problem, options, mode, check_every=None, inductor_options=None):
     """{impl: (train_step, infer)} closures; `check_every`: the compiled solve's steps per
-    while-loop iteration (None: core's default)."""
+    while-loop iteration (None: core's default); `inductor_options`: torch.compile's
+    ``options`` (e.g. ``{"cpp_wrapper": True}``)."""
     cases = {}
     for impl in ("torchdeq", "core", "compiled"):
         build_options = options
@@ -125,7 +126,7 @@ def make_cases(problem, options, mode, check_every=None):
             continue
         forward = model
         if impl == "compiled":
-            forward = torch.compile(model, mode=mode)
+            forward = torch.compile(model, mode=mode, options=inductor_options or None)
 
         def train_step(forward=forward, model=model, x=x):
             model.train()
@@ -156,7 +157,8 @@ def run(args):
     if args.ift:
         options.update(ift=True)
     for problem in args.problems:
-        cases = make_cases(problem, options, args.mode, args.check_every)
+        inductor_options = {"cpp_wrapper": True} if args.cpp_wrapper else None
+        cases = make_cases(problem, options, args.mode, args.check_every, inductor_options)
         for kind, index in (("train step", 0), ("inference", 1)):
             start = time.perf_counter()
             for impl, fns in cases.items():  # warm-up; the compiled one compiles here
@@ -168,7 +170,11 @@ def run(args):
             samples = {impl: [] for impl in cases}
             for _ in range(args.repeats):  # interleaved
                 for impl, fns in cases.items():
-                    samples[impl] += timed(fns[index], 1)
+                    if impl == "compiled" and args.skip_guards:  # after the warm-up compiled both modes
+                        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                            samples[impl] += timed(fns[index], 1)
+                    else:
+                        samples[impl] += timed(fns[index], 1)
             ms = {impl: 1e3 * statistics.median(s) for impl, s in samples.items()}
             row = {"problem": problem, "kind": kind, "ms": ms, "compile_s": compile_s,
                    "core_over_compiled": ms["core"] / ms["compiled"],
@@ -195,6 +201,12 @@ def main(argv=None):
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: inductor default)")
     parser.add_argument("--check-every", type=int, default=None,
                         help="compiled solve: steps per while-loop iteration (default: core's)")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="compile with options={'cpp_wrapper': True}: inductor's C++ wrapper "
+                             "drives the while loop (a user-side setting)")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="time the compiled calls under torch.compiler.set_stance("
+                             "skip_guard_eval_unsafe=True) (a user-side setting)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path)
@@ -203,7 +215,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "
           f"f_max_iter {args.f_max_iter}, tol {args.tol} abs, "
-          f"{'IFT' if args.ift else '1-step phantom gradient'}, median of {args.repeats}\n")
+          f"{'IFT' if args.ift else '1-step phantom gradient'}, median of {args.repeats}"
+          f"{', cpp_wrapper' if args.cpp_wrapper else ''}{', guards skipped' if args.skip_guards else ''}\n")
     print("| problem | case | TorchDEQ eager ms | core eager ms | core compiled ms | "
           "core eager / compiled | TorchDEQ / compiled | compile s |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
