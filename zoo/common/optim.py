@@ -157,7 +157,8 @@ class ClockedSchedule:
     anneal take the same share of the budget however fast the steps turn out. The clock
     (``clock``: ``time.perf_counter`` or ``time.process_time``) runs from construction;
     `done` is True once ``budget_s`` is spent (`Run.fit`'s ``until``). The time spent is
-    checkpointed with the schedule, so a resumed run goes on where it stopped.
+    checkpointed with the schedule, so a resumed run goes on where it stopped. For one
+    process: under DDP each rank's clock would set its own learning rate.
     """
 
     def __init__(self, inner: LRScheduler, resolution: int, budget_s: float,

@@ -234,6 +234,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         steps, step_s, until = int(cfg.train.steps), None, None
         if cfg.train.get("time_budget_min"):
+            if run.dist.enabled:  # each rank's clock would set its own learning rate
+                raise ValueError("train.time_budget_min is for one process; under torchrun set train.steps")
             clock = str(cfg.train.get("budget_clock", "wall"))
             budget_s = 60.0 * float(cfg.train.time_budget_min)
             expected, step_s = calibrate_steps(train_step, batches, budget_s, clock)
