@@ -19,7 +19,8 @@ from zoo.common.evaluation import evaluate_checkpoint
 from zoo.common.run import FitOutput, Run, seed_everything
 
 __all__ = [
-    "CheckpointManager", "ClockedSchedule", "FitOutput", "MissingDataError", "ResumableSampler", "Run", "all_reduce_mean",
+    "CheckpointManager", "ClockedSchedule", "FitOutput", "MissingDataError", "ResumableSampler", "Run",
+    "all_reduce_mean",
     "build_optimizer", "build_scheduler", "check_types", "clip_gradients", "compose", "deq_metrics",
     "evaluate_checkpoint",
     "latest_valid", "load_checkpoint", "peak_memory_mb", "read_metrics", "read_results", "require_files",
