@@ -185,8 +185,10 @@ class ClockedSchedule:
         return self.inner.get_last_lr()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "spent_s": self.elapsed_s()}
+        return {"inner": self.inner.state_dict(), "spent_s": self.elapsed_s(), "resolution": self.resolution}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The checkpointed schedule, its resolution (the inner one was built over it) and time spent."""
         self.inner.load_state_dict(state["inner"])
+        self.resolution = int(state.get("resolution", self.resolution))
         self.spent_before_s, self._start = float(state["spent_s"]), self.clock()

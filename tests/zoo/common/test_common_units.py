@@ -108,9 +108,10 @@ def test_clocked_schedule_follows_the_share_of_the_budget_spent_and_resumes():
     sched_cfg = {"name": "one_cycle", "pct_start": 0.24, "div_factor": 10, "final_div_factor": 100}
     by_step = _lrs(sched_cfg, total=25)
 
-    def clocked(now):
+    def clocked(now, resolution=25):
         opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"name": "sgd", "lr": 1.0})
-        return opt, ClockedSchedule(build_scheduler(opt, sched_cfg, 25), 25, budget_s=50.0, clock=lambda: now[0])
+        return opt, ClockedSchedule(build_scheduler(opt, sched_cfg, resolution), resolution, budget_s=50.0,
+                                    clock=lambda: now[0])
 
     now = [100.0]
     opt, sched = clocked(now)
@@ -124,11 +125,12 @@ def test_clocked_schedule_follows_the_share_of_the_budget_spent_and_resumes():
     assert lrs == pytest.approx([by_step[5], by_step[10], by_step[18], by_step[24]])
     now[0] = 150.0
     assert sched.done()
-    # a resumed run: another clock, the 20 s spent come back from the checkpoint
+    # a resumed run: another clock (and another probe: 40 steps), the checkpoint's 20 s spent
+    # and 25-step resolution come back
     now[0] = 120.0
     state = sched.state_dict()
     later = [7.0]
-    opt2, resumed = clocked(later)
+    opt2, resumed = clocked(later, resolution=40)
     resumed.load_state_dict(state)
     later[0] = 24.0
     opt2.step()
