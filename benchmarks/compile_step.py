@@ -21,6 +21,7 @@ compiled and TorchDEQ / compiled (> 1: compiled is faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -126,7 +127,7 @@ def make_cases(problem, options, mode, check_every=None, inductor_options=None):
             continue
         forward = model
         if impl == "compiled":
-            forward = torch.compile(model, mode=mode, options=inductor_options or None)
+            forward = torch.compile(model, mode=mode, options=inductor_options)
 
         def train_step(forward=forward, model=model, x=x):
             model.train()
@@ -170,10 +171,9 @@ def run(args):
             samples = {impl: [] for impl in cases}
             for _ in range(args.repeats):  # interleaved
                 for impl, fns in cases.items():
-                    if impl == "compiled" and args.skip_guards:  # after the warm-up compiled both modes
-                        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                            samples[impl] += timed(fns[index], 1)
-                    else:
+                    skip = impl == "compiled" and args.skip_guards  # after the warm-up compiled both modes
+                    with (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip
+                          else contextlib.nullcontext()):
                         samples[impl] += timed(fns[index], 1)
             ms = {impl: 1e3 * statistics.median(s) for impl, s in samples.items()}
             row = {"problem": problem, "kind": kind, "ms": ms, "compile_s": compile_s,

@@ -10,7 +10,7 @@ which amplifies inductor's different rounding (fused reductions) step by step: w
 exactly (measured), so core's compiled path computes the same thing.
 
 Why inductor cannot meet 1e-4 here: the digits recipe's first steps are chaotic in
-eager mode too. `test_digits_training_amplifies_a_one_ulp_change_past_1e-4` perturbs the
+eager mode too. `test_digits_training_amplifies_a_one_ulp_change_past_1e_4` perturbs the
 initial parameters by a relative 1e-7 (one or two float32 ulps) and trains eager: the
 losses part by more than 1e-4 within a few steps. Measured 2026-12-02 (8 fixed batches,
 Adam 3e-3, loss differences at steps 1-8): eager with 1e-7 noise 0, 2.5e-4, 3.6e-3,
