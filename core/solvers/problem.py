@@ -228,11 +228,12 @@ class FixedPointProblem:
                 k = k + 1
                 if not sub:
                     new_state = step(k, t, new_state)
-                else:  # a step past the budget changes nothing, its trace row included
+                else:  # a step past the budget changes nothing; its trace row is scratch
                     within = k <= self.max_iter
-                    t.active, trace = t.active & within, t.trace
+                    t.active = t.active & within
+                    t.trace_index = torch.where(within, k, self.max_iter + 1)
                     new_state = step(k.clamp(max=self.max_iter), t, new_state)
-                    t.trace = torch.where(within, t.trace, trace)
+                    t.trace_index = None
                 hit = [k == i for i in later]
                 caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
                 flags = tuple(f | h for f, h in zip(flags, hit))

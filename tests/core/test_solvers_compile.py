@@ -125,6 +125,27 @@ def test_compiled_check_every_runs_that_many_steps_per_loop_iteration(solver, ev
         assert eager_nfe < 20
 
 
+def test_compiled_steps_past_the_budget_leave_the_last_trace_row():
+    """The steps a while-loop iteration runs past max_iter write their trace rows to a
+    scratch row, not over the last step's. z -> A z with A a Jordan block: the residual
+    falls at step 1 and rises at step 2, so at max_iter 3 the last row (0.75) is above the
+    lowest (0.25), which a past-the-budget step would write there."""
+    a = torch.tensor([[0.5, 3.0], [0.0, 0.5]])
+    z0 = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    kwargs = dict(max_iter=3, tol=1e-12, stop_mode="abs")
+    with torch.no_grad():
+        eager = fixed_point_iter(lambda z: z @ a.T, z0, **kwargs)
+        compiled, _ = _compile_counted(
+            lambda z: fixed_point_iter(lambda y: y @ a.T, z, check_every=4, **kwargs),
+            fullgraph=True)
+        info = compiled(z0)[2]
+    last = eager[2]["abs_trace"][:, -1]
+    assert torch.all(last > 2.5 * eager[2]["abs_lowest"]), eager[2]["abs_trace"]
+    assert int(info["nfe"]) == 5  # steps 4 and 5 ran past the budget
+    for key in ("abs_trace", "rel_trace", "abs_lowest"):
+        assert torch.allclose(info[key], eager[2][key], rtol=1e-6), key
+
+
 @pytest.mark.parametrize("solver", [anderson, broyden], ids=lambda s: s.__name__)
 def test_compiled_check_every_0_runs_the_whole_budget(solver):
     func, z0 = _contraction(False)
