@@ -114,7 +114,8 @@ def loss_of(out):
 
 
 def make_cases(problem, options, mode, check_every=None, inductor_options=None):
-    """{impl: (train_step, infer)} closures; `check_every`: the compiled solve's steps per
+    """{impl: (train_step, infer, train_forward)} closures (train_forward: the train-mode
+    forward alone, grad on, no backward); `check_every`: the compiled solve's steps per
     while-loop iteration (None: core's default); `inductor_options`: torch.compile's
     ``options`` (e.g. ``{"cpp_wrapper": True}``)."""
     cases = {}
@@ -139,7 +140,11 @@ def make_cases(problem, options, mode, check_every=None, inductor_options=None):
             with torch.no_grad():
                 forward(x)
 
-        cases[impl] = (train_step, infer)
+        def train_forward(forward=forward, model=model, x=x):
+            model.train()
+            forward(x)
+
+        cases[impl] = (train_step, infer, train_forward)
     return cases
 
 
@@ -190,6 +195,33 @@ def run(args):
     return rows
 
 
+def breakdown(args):
+    """Where core's training step goes, eager and compiled: the train-mode forward (grad
+    on, no backward), the whole step, and the inference solve, interleaved, the median of
+    `--repeats` each. step - forward is the loss and the backward after the model."""
+    options = dict(f_solver=args.solver, f_max_iter=args.f_max_iter, f_tol=args.tol)
+    if args.ift:
+        options.update(ift=True)
+    print("| problem | core | train-mode forward ms | training step ms | step - forward ms "
+          "| inference ms |\n|---|---|---:|---:|---:|---:|")
+    for problem in args.problems:
+        cases = make_cases(problem, options, args.mode, args.check_every)
+        fns = {impl: dict(zip(("step", "inference", "forward"), cases[impl]))
+               for impl in ("core", "compiled")}
+        for impl in fns:
+            for fn in fns[impl].values():  # warm-up; the compiled ones compile here
+                fn(), fn()
+        samples = {(impl, kind): [] for impl in fns for kind in fns[impl]}
+        for _ in range(args.repeats):
+            for (impl, kind) in samples:
+                samples[impl, kind] += timed(fns[impl][kind], 1)
+        for impl in fns:
+            ms = {kind: 1e3 * statistics.median(samples[impl, kind]) for kind in fns[impl]}
+            print(f"| {problem} | {'eager' if impl == 'core' else 'compiled'} | {ms['forward']:.2f} "
+                  f"| {ms['step']:.2f} | {ms['step'] - ms['forward']:.2f} | {ms['inference']:.2f} |",
+                  flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", nargs="+", default=["tanh1024", "conv", "tanh32", "mdeq"],
@@ -207,12 +239,18 @@ def main(argv=None):
     parser.add_argument("--skip-guards", action="store_true",
                         help="time the compiled calls under torch.compiler.set_stance("
                              "skip_guard_eval_unsafe=True) (a user-side setting)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: core eager and compiled, train-mode forward / training "
+                             "step / inference (where the step's time goes)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.breakdown:
+        breakdown(args)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "
           f"f_max_iter {args.f_max_iter}, tol {args.tol} abs, "
           f"{'IFT' if args.ift else '1-step phantom gradient'}, median of {args.repeats}"
