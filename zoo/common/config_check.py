@@ -10,7 +10,7 @@ for the shared runtime options (``configs/run_defaults.yaml``) and for the ``deq
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -53,6 +53,8 @@ class RuntimeOptions:
     ckpt: Optional[str] = None
     init_from: Optional[str] = None
     compile: str = "none"
+    compile_backend: str = "inductor"
+    compile_options: Dict[str, Any] = field(default_factory=dict)
     log: LogOptions = field(default_factory=LogOptions)
     logger: LoggerOptions = field(default_factory=LoggerOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
@@ -83,7 +85,8 @@ class SchedOptions:
     eta_min: Optional[float] = None
 
 
-CHOICES = {"amp": ("none", "bf16", "fp16"), "compile": ("none", "default", "reduce-overhead", "max-autotune"), "logger.wandb.mode": ("offline", "online", "disabled")}
+CHOICES = {"amp": ("none", "bf16", "fp16"), "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+           "compile_backend": ("inductor", "aot_eager", "eager"), "logger.wandb.mode": ("offline", "online", "disabled")}
 
 
 def _declared(node: DictConfig, schema: type) -> DictConfig:
@@ -117,6 +120,22 @@ def check_types(cfg: DictConfig, schema: type, key: str | None = None) -> None:
         raise ValueError(f"option {full_key}={value!r} has the wrong type: {reason}") from None
 
 
+def check_compile_options(cfg: DictConfig) -> None:
+    """``compile_options`` and a mode other than ``default`` are inductor's, and exclusive
+    (torch.compile takes a mode or options, not both)."""
+    mode = str(cfg.get("compile", "none") or "none")
+    backend = str(cfg.get("compile_backend", "inductor") or "inductor")
+    options = cfg.get("compile_options") or {}
+    if mode in ("none", "default") and not options:
+        return
+    if backend != "inductor":
+        what = "compile_options" if options else f"compile={mode}"
+        raise ValueError(f"{what} is for compile_backend=inductor, not {backend}")
+    if options and mode != "default":
+        raise ValueError(f"compile_options go with compile=default, not compile={mode}: torch.compile "
+                         "takes a mode or options, not both (a mode is a preset of options)")
+
+
 def check_runtime_options(cfg: DictConfig) -> None:
     """Types and choices of the shared runtime options, and the ``deq`` node when present."""
     check_types(cfg, RuntimeOptions)
@@ -124,6 +143,7 @@ def check_runtime_options(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and str(value) not in allowed:
             raise ValueError(f"option {key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    check_compile_options(cfg)
     every = OmegaConf.select(cfg, "log.every", default=None)
     if every is not None and every < 0:
         raise ValueError(f"option log.every={every} must be >= 0")

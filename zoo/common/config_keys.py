@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 NON_RESULT_KEYS = (
     "resume", "ckpt", "ckpt_format", "log.*", "logger.*", "checkpoint.*", "device", "compile",
-    "train.cpu_threads", "data.num_workers", "data.root", "eval.*", "hydra.*",
+    "compile_backend", "compile_options", "compile_options.*", "train.cpu_threads", "data.num_workers", "data.root", "eval.*", "hydra.*",
 )
 TEST_TIME_KEYS = NON_RESULT_KEYS + (
     "deq.eval_*", "deq.f_solver", "deq.f_max_iter", "deq.f_tol", "deq.f_stop_mode",

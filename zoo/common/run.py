@@ -235,8 +235,9 @@ class Run:
     # ------------------------------------------------------------------ model helpers
     def wrap(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
         """Moves ``model`` to the device; wraps it in DDP under torchrun, then in
-        ``torch.compile`` when ``compile`` is not ``none`` (checkpoints hold the inner
-        module's keys either way: see `unwrap`)."""
+        ``torch.compile`` when ``compile`` is not ``none``, with ``compile_backend`` and
+        ``compile_options`` (checkpoints hold the inner module's keys either way: see
+        `unwrap`)."""
         model = model.to(self.device)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -246,7 +247,12 @@ class Run:
             model = DistributedDataParallel(model, **ddp_kwargs)
         mode = str(self.cfg.get("compile", "none") or "none")
         if mode != "none":
-            model = torch.compile(model, mode=mode)
+            backend = str(self.cfg.get("compile_backend", "inductor") or "inductor")
+            options = OmegaConf.to_container(self.cfg.get("compile_options") or OmegaConf.create({}))
+            kwargs = {"options": options} if options else {}
+            if mode != "default":
+                kwargs["mode"] = mode
+            model = torch.compile(model, backend=backend, **kwargs)
         return model
 
     @staticmethod

@@ -114,6 +114,32 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters(trained, tmp
 
 
 @pytest.mark.timeout(300)
+def test_a_compiled_run_trains_as_eager_and_its_checkpoint_loads_into_eager(trained, tmp_path):
+    """compile=default through Run.wrap, with compile_backend=aot_eager (inductor's graphs
+    with eager kernels, quick enough here; inductor itself: test_compile_run.py, slow):
+    the 12 steps end at the eager run's parameters, the checkpoint keeps the eager key
+    names, and an eager evaluation of it gives the compiled run's metric."""
+    outputs_eager, reference = trained
+    outputs = tmp_path / "outputs"
+    run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "compile=default", "compile_backend=aot_eager",
+            outputs=outputs, cwd=tmp_path)
+    (run_dir,) = [p for p in (outputs / "toy" / "tiny").iterdir() if p.name != "latest"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "step_00000012.pt", weights_only=False)
+    assert checkpoint["model"].keys() == final_params(reference).keys()  # no "_orig_mod." prefix
+    compiled, eager = final_params(run_dir), final_params(reference)
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-6), key
+    assert "compile: default" in (run_dir / "config.yaml").read_text()  # saved with the run
+    run_toy("toy_evaluate.py", "+experiment=tiny", "device=cpu", "compile=none", f"ckpt={run_dir}",
+            outputs=outputs, cwd=tmp_path)
+    (evaluated,) = [p for p in (outputs / "toy" / "tiny").glob("*/results.json")
+                    if p.parent.name not in ("latest", run_dir.name)]
+    trained_metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert json.loads(evaluated.read_text())["metrics"]["eval/accuracy"] == pytest.approx(
+        trained_metrics["eval/accuracy"], abs=1e-6)
+
+
+@pytest.mark.timeout(300)
 def test_submitit_preemption_requeues_and_resumes_in_the_same_job_dir(trained, tmp_path):
     """SLURM's path, on submitit's local executor: SIGUSR2 -> checkpoint -> requeue -> resume."""
     _, reference = trained

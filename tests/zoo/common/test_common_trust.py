@@ -161,10 +161,40 @@ def test_boolean_words_mean_what_they_say_in_the_run_config(spelling, expected):
 
 @pytest.mark.parametrize("override,option", [("train.steps=abc", "train.steps"), ("optim.lr=abc", "optim.lr"),
                                              ("train.steps=-5", "train.steps"), ("deq.ift=maybe", "deq.ift"),
-                                             ("compile=fast", "compile")])
+                                             ("compile=fast", "compile"), ("compile_backend=tvm", "compile_backend")])
 def test_a_bad_option_names_itself(override, option):
     with pytest.raises(ValueError, match=option.replace(".", r"\.")):
         check_runtime_options(toy_cfg(override))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["compile=reduce-overhead", "compile_backend=aot_eager"], "compile=reduce-overhead is for compile_backend=inductor"),
+    (["compile=default", "compile_backend=eager", "+compile_options.cpp_wrapper=true"], "compile_options is for"),
+    (["compile=max-autotune", "+compile_options.cpp_wrapper=true"], "compile_options go with compile=default"),
+])
+def test_compile_options_that_torch_compile_would_refuse_are_refused_first(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_runtime_options(toy_cfg(*overrides))
+    check_runtime_options(toy_cfg("compile=default", "+compile_options.cpp_wrapper=true"))  # fine
+    check_runtime_options(toy_cfg("compile=default", "compile_backend=aot_eager"))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["compile=default"], {"backend": "inductor"}),
+    (["compile=max-autotune"], {"backend": "inductor", "mode": "max-autotune"}),
+    (["compile=default", "compile_backend=aot_eager"], {"backend": "aot_eager"}),
+    (["compile=default", "+compile_options.cpp_wrapper=true"], {"backend": "inductor", "options": {"cpp_wrapper": True}}),
+])
+def test_run_wrap_passes_the_compile_options_to_torch_compile(monkeypatch, overrides, expected):
+    from types import SimpleNamespace
+
+    from zoo.common import Run
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    run = SimpleNamespace(cfg=toy_cfg(*overrides), device=torch.device("cpu"), dist=SimpleNamespace(enabled=False))
+    Run.wrap(run, torch.nn.Linear(2, 2))
+    assert calls == [expected]
 
 
 def test_a_misspelt_deq_option_gets_did_you_mean():
