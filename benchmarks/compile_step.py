@@ -6,8 +6,10 @@ a loss, and `backward()`; an inference solve is the DEQ forward in eval mode und
 median of `--repeats` timed runs after warm-up (the compiled one's first calls compile,
 timed separately). The DEQ options are the same for all three: `get_deq(f_solver=...,
 f_max_iter=..., f_tol=...)` with the default backward (1-step phantom gradient), or
-`--ift`. Compiled = `torch.compile(step, mode=--mode)` (inductor) around the model and
-the loss; core's solvers take their traceable path under it by themselves.
+`--ift`. Compiled = `torch.compile(mode=--mode)` (inductor) around the model and the
+loss for the training step (`--model-only`: around the model, the loss eager), around
+the model for the inference solve; core's solvers take their traceable path under it by
+themselves.
 
 Problems: the solver race's three (`solver_race.py`: tanh d=1024 batch 64, the conv cell,
 tanh d=32 batch 512, with their weights made parameters) and the digits MDEQ
@@ -113,11 +115,13 @@ def loss_of(out):
     return out.float().square().mean()
 
 
-def make_cases(problem, options, mode, check_every=None, inductor_options=None):
+def make_cases(problem, options, mode, check_every=None, inductor_options=None, model_only=False):
     """{impl: (train_step, infer, train_forward)} closures (train_forward: the train-mode
     forward alone, grad on, no backward); `check_every`: the compiled solve's steps per
     while-loop iteration (None: core's default); `inductor_options`: torch.compile's
-    ``options`` (e.g. ``{"cpp_wrapper": True}``)."""
+    ``options`` (e.g. ``{"cpp_wrapper": True}``). The compiled training step compiles the
+    model and the loss in one graph, or the model alone with `model_only` (the loss and
+    its backward nodes then run eagerly around it)."""
     cases = {}
     for impl in ("torchdeq", "core", "compiled"):
         build_options = options
@@ -126,14 +130,16 @@ def make_cases(problem, options, mode, check_every=None, inductor_options=None):
         model, x = build(problem, impl, build_options)
         if model is None:
             continue
-        forward = model
+        forward, loss = model, (lambda x, model=model: loss_of(model(x)))
         if impl == "compiled":
             forward = torch.compile(model, mode=mode, options=inductor_options)
+            loss = (lambda x, forward=forward: loss_of(forward(x))) if model_only else (
+                torch.compile(loss, mode=mode, options=inductor_options))
 
-        def train_step(forward=forward, model=model, x=x):
+        def train_step(loss=loss, model=model, x=x):
             model.train()
             model.zero_grad(set_to_none=True)
-            loss_of(forward(x)).backward()
+            loss(x).backward()
 
         def infer(forward=forward, model=model, x=x):
             model.eval()
@@ -164,7 +170,8 @@ def run(args):
         options.update(ift=True)
     for problem in args.problems:
         inductor_options = {"cpp_wrapper": True} if args.cpp_wrapper else None
-        cases = make_cases(problem, options, args.mode, args.check_every, inductor_options)
+        cases = make_cases(problem, options, args.mode, args.check_every, inductor_options,
+                           args.model_only)
         for kind, index in (("train step", 0), ("inference", 1)):
             start = time.perf_counter()
             for impl, fns in cases.items():  # warm-up; the compiled one compiles here
@@ -205,7 +212,7 @@ def breakdown(args):
     print("| problem | core | train-mode forward ms | training step ms | step - forward ms "
           "| inference ms |\n|---|---|---:|---:|---:|---:|")
     for problem in args.problems:
-        cases = make_cases(problem, options, args.mode, args.check_every)
+        cases = make_cases(problem, options, args.mode, args.check_every, model_only=args.model_only)
         fns = {impl: dict(zip(("step", "inference", "forward"), cases[impl]))
                for impl in ("core", "compiled")}
         for impl in fns:
@@ -239,6 +246,9 @@ def main(argv=None):
     parser.add_argument("--skip-guards", action="store_true",
                         help="time the compiled calls under torch.compiler.set_stance("
                              "skip_guard_eval_unsafe=True) (a user-side setting)")
+    parser.add_argument("--model-only", action="store_true",
+                        help="compiled training step: compile the model alone (the loss runs "
+                             "eagerly around it) instead of the model and the loss")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead: core eager and compiled, train-mode forward / training "
                              "step / inference (where the step's time goes)")
