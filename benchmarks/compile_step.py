@@ -163,11 +163,15 @@ def timed(fn, repeats):
     return times
 
 
+def deq_options(args):
+    """`get_deq` options from the command line, the same for every implementation."""
+    options = dict(f_solver=args.solver, f_max_iter=args.f_max_iter, f_tol=args.tol)
+    return dict(options, ift=True) if args.ift else options
+
+
 def run(args):
     rows = []
-    options = dict(f_solver=args.solver, f_max_iter=args.f_max_iter, f_tol=args.tol)
-    if args.ift:
-        options.update(ift=True)
+    options = deq_options(args)
     for problem in args.problems:
         inductor_options = {"cpp_wrapper": True} if args.cpp_wrapper else None
         cases = make_cases(problem, options, args.mode, args.check_every, inductor_options,
@@ -206,9 +210,7 @@ def breakdown(args):
     """Where core's training step goes, eager and compiled: the train-mode forward (grad
     on, no backward), the whole step, and the inference solve, interleaved, the median of
     `--repeats` each. step - forward is the loss and the backward after the model."""
-    options = dict(f_solver=args.solver, f_max_iter=args.f_max_iter, f_tol=args.tol)
-    if args.ift:
-        options.update(ift=True)
+    options = deq_options(args)
     print("| problem | core | train-mode forward ms | training step ms | step - forward ms "
           "| inference ms |\n|---|---|---:|---:|---:|---:|")
     for problem in args.problems:
