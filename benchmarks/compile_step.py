@@ -163,6 +163,18 @@ def timed(fn, repeats):
     return times
 
 
+def inductor_options_of(args):
+    """torch.compile's ``options`` from `--cpp-wrapper` and `--inductor-option K=V` (V: an
+    int or a Python literal, e.g. ``cpp.use_decompose_tanh=True``); None when none."""
+    import ast
+
+    options = {"cpp_wrapper": True} if args.cpp_wrapper else {}
+    for item in args.inductor_option:
+        key, _, value = item.partition("=")
+        options[key] = ast.literal_eval(value)
+    return options or None
+
+
 def deq_options(args):
     """`get_deq` options from the command line, the same for every implementation."""
     options = dict(f_solver=args.solver, f_max_iter=args.f_max_iter, f_tol=args.tol)
@@ -173,7 +185,7 @@ def run(args):
     rows = []
     options = deq_options(args)
     for problem in args.problems:
-        inductor_options = {"cpp_wrapper": True} if args.cpp_wrapper else None
+        inductor_options = inductor_options_of(args)
         cases = make_cases(problem, options, args.mode, args.check_every, inductor_options,
                            args.model_only)
         for kind, index in (("train step", 0), ("inference", 1)):
@@ -214,7 +226,8 @@ def breakdown(args):
     print("| problem | core | train-mode forward ms | training step ms | step - forward ms "
           "| inference ms |\n|---|---|---:|---:|---:|---:|")
     for problem in args.problems:
-        cases = make_cases(problem, options, args.mode, args.check_every, model_only=args.model_only)
+        cases = make_cases(problem, options, args.mode, args.check_every, inductor_options_of(args),
+                           args.model_only)
         fns = {impl: dict(zip(("step", "inference", "forward"), cases[impl]))
                for impl in ("core", "compiled")}
         for impl in fns:
@@ -245,6 +258,9 @@ def main(argv=None):
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="compile with options={'cpp_wrapper': True}: inductor's C++ wrapper "
                              "drives the while loop (a user-side setting)")
+    parser.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an inductor option for torch.compile (repeatable), e.g. "
+                             "cpp.use_decompose_tanh=True (a user-side setting)")
     parser.add_argument("--skip-guards", action="store_true",
                         help="time the compiled calls under torch.compiler.set_stance("
                              "skip_guard_eval_unsafe=True) (a user-side setting)")
@@ -266,7 +282,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "
           f"f_max_iter {args.f_max_iter}, tol {args.tol} abs, "
           f"{'IFT' if args.ift else '1-step phantom gradient'}, median of {args.repeats}"
-          f"{', cpp_wrapper' if args.cpp_wrapper else ''}{', guards skipped' if args.skip_guards else ''}\n")
+          f"{', inductor options ' + str(inductor_options_of(args)) if inductor_options_of(args) else ''}"
+          f"{', guards skipped' if args.skip_guards else ''}\n")
     print("| problem | case | TorchDEQ eager ms | core eager ms | core compiled ms | "
           "core eager / compiled | TorchDEQ / compiled | compile s |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
