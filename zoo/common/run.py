@@ -71,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoo.common import console, curves, resume
 from zoo.common import distributed as zdist
-from zoo.common.config_keys import command_line_overrides
+from zoo.common.config_keys import command_line_overrides, flatten
 from zoo.common.console import ConsoleLog
 from zoo.common.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from zoo.common.config_check import check_runtime_options
@@ -248,7 +248,8 @@ class Run:
         mode = str(self.cfg.get("compile", "none") or "none")
         if mode != "none":
             backend = str(self.cfg.get("compile_backend", "inductor") or "inductor")
-            options = OmegaConf.to_container(self.cfg.get("compile_options") or OmegaConf.create({}))
+            # nested keys as inductor spells them: {cpp: {use_decompose_tanh: true}} -> "cpp.use_decompose_tanh"
+            options = flatten(OmegaConf.to_container(self.cfg.get("compile_options") or OmegaConf.create({})))
             kwargs = {"options": options} if options else {}
             if mode != "default":
                 kwargs["mode"] = mode

@@ -184,6 +184,8 @@ def test_compile_options_that_torch_compile_would_refuse_are_refused_first(overr
     (["compile=max-autotune"], {"backend": "inductor", "mode": "max-autotune"}),
     (["compile=default", "compile_backend=aot_eager"], {"backend": "aot_eager"}),
     (["compile=default", "+compile_options.cpp_wrapper=true"], {"backend": "inductor", "options": {"cpp_wrapper": True}}),
+    (["compile=default", "+compile_options.cpp.use_decompose_tanh=true"],
+     {"backend": "inductor", "options": {"cpp.use_decompose_tanh": True}}),  # inductor's dotted name
 ])
 def test_run_wrap_passes_the_compile_options_to_torch_compile(monkeypatch, overrides, expected):
     from types import SimpleNamespace
