@@ -4,8 +4,8 @@ The compiled DEQ takes core's traceable solver path by itself; the issue asks th
 deterministic=true its first 20 losses equal the eager run's to 1e-4. Measured (issue 12,
 2026-12-01, loaded 2-core machine): steps 1 and 2 equal to 1e-6 (2.25762, 2.349906 vs
 2.349905), step 3 2.316494 against eager's 2.314844 (1.6e-3 apart), step 4 2.282175 vs
-2.28441. The digits DEQ is far from its fixed point (residual ~30 after its 6 steps),
-which amplifies inductor's different rounding (fused reductions) step by step: with
+2.28441. The recipe amplifies inductor's different rounding (fused reductions) step by
+step (what amplifies: the last paragraph): with
 ``backend="aot_eager"`` (the same graphs, eager kernels) the first 8 losses equal eager's
 exactly (measured), so core's compiled path computes the same thing.
 
