@@ -119,7 +119,7 @@ def test_a_compiled_run_trains_as_eager_and_its_checkpoint_loads_into_eager(trai
     with eager kernels, quick enough here; inductor itself: test_compile_run.py, slow):
     the 12 steps end at the eager run's parameters, the checkpoint keeps the eager key
     names, and an eager evaluation of it gives the compiled run's metric."""
-    outputs_eager, reference = trained
+    _, reference = trained
     outputs = tmp_path / "outputs"
     run_toy("toy_train.py", "+experiment=tiny", "device=cpu", "compile=default", "compile_backend=aot_eager",
             outputs=outputs, cwd=tmp_path)
