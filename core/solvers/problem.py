@@ -204,11 +204,14 @@ class FixedPointProblem:
 
         One iteration of the loop runs `loop_every` steps (`check_every` under compile):
         fewer iterations for the loop's driver to run, the convergence test once an
-        iteration; the steps after the last sample stops (or past `max_iter`) change
-        nothing but are counted as `func` calls."""
+        iteration. The (max_iter - 1) % loop_every steps that do not fill an iteration run
+        first, before the loop, so the last iteration ends at `max_iter` exactly and no
+        step runs past the budget; the steps after the last sample stops change nothing
+        but are counted as `func` calls."""
         from torch._higher_order_ops.while_loop import while_loop
 
         every = max(self.loop_every, 1)
+        lead = (self.max_iter - 1) % every
         n_state, n_track = len(state), len(tracker.CARRIED)
         active = n_state + tracker.CARRIED.index("active")
         later = [i for i in self.indexing if i >= 2]
@@ -219,21 +222,15 @@ class FixedPointProblem:
         def running(k, *carried):
             return (k < self.max_iter) & carried[active].any()
 
-        def body(k, *carried):
+        def steps(count, k, *carried):
+            """`count` steps after step k (a 0-dim tensor) from the carried tensors."""
             t = tracker.replica(carried[n_state:n_state + n_track], k)
             new_state = carried[:n_state]
             caps = carried[n_state + n_track:n_state + n_track + len(later)]
             flags = carried[n_state + n_track + len(later):]
-            for sub in range(every):
+            for _ in range(count):
                 k = k + 1
-                if not sub:
-                    new_state = step(k, t, new_state)
-                else:  # a step past the budget changes nothing; its trace row is scratch
-                    within = k <= self.max_iter
-                    t.active = t.active & within
-                    t.trace_index = torch.where(within, k, self.max_iter + 1)
-                    new_state = step(k.clamp(max=self.max_iter), t, new_state)
-                    t.trace_index = None
+                new_state = step(k, t, new_state)
                 hit = [k == i for i in later]
                 caps = tuple(torch.where(h, t.best, c) for h, c in zip(hit, caps))
                 flags = tuple(f | h for f, h in zip(flags, hit))
@@ -241,8 +238,10 @@ class FixedPointProblem:
 
         one = torch.ones((), dtype=torch.long, device=device)
         # clones: a while loop's inputs may not alias each other
-        out = while_loop(running, body, (one, *[s.clone() for s in state],
-                                         *[t.clone() for t in tracker.carry()], *taken, *seen))
+        carried = (one, *[s.clone() for s in state], *[t.clone() for t in tracker.carry()], *taken, *seen)
+        if lead:
+            carried = steps(lead, *carried)
+        out = while_loop(running, lambda *c: steps(every, *c), carried)
         k = out[0]
         final = tracker.replica(out[1 + n_state:1 + n_state + n_track], k)
         rest = out[1 + n_state + n_track:]

@@ -383,10 +383,7 @@ class SyncFreeTracker:
         # Row 0: absolute, row 1: relative residuals (one tensor, so one op updates both).
         self.lowest = torch.full((2, batch), INIT_RESIDUAL, dtype=sdt, device=device)
         self.lowest_step = torch.zeros(batch, dtype=sdt, device=device)
-        # Rows 0..max_iter: the steps; row max_iter + 1 takes the writes of the steps a
-        # while loop runs past the budget (`trace_index`), and is never read.
-        self.trace = torch.full((max_iter + 2, 2, batch), INIT_RESIDUAL, dtype=sdt, device=device)
-        self.trace_index = None
+        self.trace = torch.full((max_iter + 1, 2, batch), INIT_RESIDUAL, dtype=sdt, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.caught = torch.zeros(batch, dtype=torch.bool, device=device)
         self.limit = None
@@ -436,15 +433,13 @@ class SyncFreeTracker:
         for name in ("batch", "tol", "stop_row", "return_final", "max_iter", "check_every", "nfe",
                      "limit", "trace"):
             setattr(twin, name, getattr(self, name))
-        twin.trace_index = None
         twin.load(tensors, k)
         return twin
 
     def observe(self, k, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
         """Record step k, as `ConvergenceTracker.observe`. `k` may be a 0-dim tensor (in a
-        while loop): its trace row is then written in place at `trace_index` if set (the
-        scratch row, for a step past the budget), else at k. A while loop's body may change
+        while loop): its trace row is then written in place. A while loop's body may change
         a tensor made outside it only with grad mode off (torch 2.14), as the compiled
         solves run."""
         active = self.active
@@ -464,8 +459,7 @@ class SyncFreeTracker:
         new = torch.stack((abs_res, rel_res))
         row = torch.where(active, new, self.lowest)
         if torch.is_tensor(k):
-            index = k if self.trace_index is None else self.trace_index
-            self.trace.index_copy_(0, index.reshape(1), row.unsqueeze(0))
+            self.trace.index_copy_(0, k.reshape(1), row.unsqueeze(0))
             step = k.to(self.lowest_step.dtype)
         else:
             self.trace[k] = row
@@ -479,7 +473,7 @@ class SyncFreeTracker:
 
     def info(self) -> SolverStat:
         """The statistics of the solve; after an early exit the traces repeat the lowest values."""
-        trace = self.trace[:self.max_iter + 1]
+        trace = self.trace
         if torch.is_tensor(self.steps):  # after a while loop: pad past the last step
             after = torch.arange(self.max_iter + 1, device=trace.device) > self.steps
             trace = torch.where(after[:, None, None], self.lowest, trace)
