@@ -122,6 +122,11 @@ def make_cases(problem, options, mode, check_every=None, inductor_options=None, 
     ``options`` (e.g. ``{"cpp_wrapper": True}``). The compiled training step compiles the
     model and the loss in one graph, or the model alone with `model_only` (the loss and
     its backward nodes then run eagerly around it)."""
+    # Each problem compiles as in a fresh process: dynamo would otherwise recompile the
+    # shared code (RaceModel.forward, the loss) with dynamic shapes, whose while loop
+    # inductor 2.14 cannot lower once a parameter's shape is dynamic too ("'int' object
+    # has no attribute 'meta'", a SymInt among the loop's inputs; tanh1024 then tanh32).
+    torch._dynamo.reset()
     cases = {}
     for impl in ("torchdeq", "core", "compiled"):
         build_options = options

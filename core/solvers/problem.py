@@ -241,7 +241,11 @@ class FixedPointProblem:
         carried = (one, *[s.clone() for s in state], *[t.clone() for t in tracker.carry()], *taken, *seen)
         if lead:
             carried = steps(lead, *carried)
-        out = while_loop(running, lambda *c: steps(every, *c), carried)
+
+        def body(*carried):
+            return steps(every, *carried)
+
+        out = while_loop(running, body, carried)
         k = out[0]
         final = tracker.replica(out[1 + n_state:1 + n_state + n_track], k)
         rest = out[1 + n_state + n_track:]
