@@ -84,13 +84,15 @@ def race_problem(name):
 def mdeq_digits(deq_options):
     """The digits MDEQ with these DEQ options, and a batch of 64 digits-sized inputs."""
     from zoo.common import compose
+    from zoo.mdeq.data import build_datasets
     from zoo.mdeq.train import build_model
 
     def value(v):  # a dict in Hydra's override grammar: {key:value}
         return "{" + ",".join(f"{k}:{x}" for k, x in v.items()) + "}" if isinstance(v, dict) else v
 
     overrides = ["+experiment=digits"] + [f"deq.{k}={value(v)}" for k, v in deq_options.items()]
-    model = build_model(compose("mdeq", overrides))
+    cfg = compose("mdeq", overrides)
+    model = build_model(cfg, build_datasets(cfg.data))  # the splits give channels and classes
     return model, torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
@@ -111,7 +113,10 @@ def build(problem, impl, options):
 
 
 def loss_of(out):
+    """Mean square of the output: a tensor, (tensor, info), or (list of logits, info),
+    MDEQ's, whose last entry is the best state's."""
     out = out[0] if isinstance(out, tuple) else out
+    out = out[-1] if isinstance(out, list) else out
     return out.float().square().mean()
 
 
