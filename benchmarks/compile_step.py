@@ -193,9 +193,8 @@ def deq_options(args):
 
 def run(args):
     rows = []
-    options = deq_options(args)
+    options, inductor_options = deq_options(args), inductor_options_of(args)
     for problem in args.problems:
-        inductor_options = inductor_options_of(args)
         cases = make_cases(problem, options, args.mode, args.check_every, inductor_options,
                            args.model_only)
         for kind, index in (("train step", 0), ("inference", 1)):
@@ -289,10 +288,11 @@ def main(argv=None):
     if args.breakdown:
         breakdown(args)
         return
+    inductor_options = inductor_options_of(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "
           f"f_max_iter {args.f_max_iter}, tol {args.tol} abs, "
           f"{'IFT' if args.ift else '1-step phantom gradient'}, median of {args.repeats}"
-          f"{', inductor options ' + str(inductor_options_of(args)) if inductor_options_of(args) else ''}"
+          f"{', inductor options ' + str(inductor_options) if inductor_options else ''}"
           f"{', guards skipped' if args.skip_guards else ''}\n")
     print("| problem | case | TorchDEQ eager ms | core eager ms | core compiled ms | "
           "core eager / compiled | TorchDEQ / compiled | compile s |\n"

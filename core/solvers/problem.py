@@ -222,7 +222,7 @@ class FixedPointProblem:
         def running(k, *carried):
             return (k < self.max_iter) & carried[active].any()
 
-        def steps(count, k, *carried):
+        def advance(count, k, *carried):
             """`count` steps after step k (a 0-dim tensor) from the carried tensors."""
             t = tracker.replica(carried[n_state:n_state + n_track], k)
             new_state = carried[:n_state]
@@ -240,10 +240,10 @@ class FixedPointProblem:
         # clones: a while loop's inputs may not alias each other
         carried = (one, *[s.clone() for s in state], *[t.clone() for t in tracker.carry()], *taken, *seen)
         if lead:
-            carried = steps(lead, *carried)
+            carried = advance(lead, *carried)
 
         def body(*carried):
-            return steps(every, *carried)
+            return advance(every, *carried)
 
         out = while_loop(running, body, carried)
         k = out[0]

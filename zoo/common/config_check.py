@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from zoo.common.config_keys import flatten
+
 
 @dataclass
 class LogOptions:
@@ -120,12 +122,22 @@ def check_types(cfg: DictConfig, schema: type, key: str | None = None) -> None:
         raise ValueError(f"option {full_key}={value!r} has the wrong type: {reason}") from None
 
 
-def check_compile_options(cfg: DictConfig) -> None:
-    """``compile_options`` and a mode other than ``default`` are inductor's, and exclusive
-    (torch.compile takes a mode or options, not both)."""
+def compile_settings(cfg: DictConfig) -> tuple[str, str, dict[str, Any]]:
+    """(``compile`` mode, ``compile_backend``, ``compile_options``) with their defaults; the
+    options' nested keys joined as inductor spells them ({cpp: {use_decompose_tanh: true}}
+    -> "cpp.use_decompose_tanh")."""
     mode = str(cfg.get("compile", "none") or "none")
     backend = str(cfg.get("compile_backend", "inductor") or "inductor")
     options = cfg.get("compile_options") or {}
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options, resolve=True)
+    return mode, backend, flatten(options)
+
+
+def check_compile_options(cfg: DictConfig) -> None:
+    """``compile_options`` and a mode other than ``default`` are inductor's, and exclusive
+    (torch.compile takes a mode or options, not both)."""
+    mode, backend, options = compile_settings(cfg)
     if mode in ("none", "default") and not options:
         return
     if backend != "inductor":

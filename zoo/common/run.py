@@ -71,10 +71,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoo.common import console, curves, resume
 from zoo.common import distributed as zdist
-from zoo.common.config_keys import command_line_overrides, flatten
+from zoo.common.config_keys import command_line_overrides
 from zoo.common.console import ConsoleLog
 from zoo.common.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from zoo.common.config_check import check_runtime_options
+from zoo.common.config_check import check_runtime_options, compile_settings
 from zoo.common.logger import MetricLogger, deq_metrics, peak_memory_mb
 from zoo.common.optim import clip_gradients
 from zoo.common.progress import progress as _progress, progress_enabled
@@ -245,11 +245,8 @@ class Run:
             if self.device.type == "cuda":
                 ddp_kwargs.setdefault("device_ids", [self.device.index])
             model = DistributedDataParallel(model, **ddp_kwargs)
-        mode = str(self.cfg.get("compile", "none") or "none")
+        mode, backend, options = compile_settings(self.cfg)
         if mode != "none":
-            backend = str(self.cfg.get("compile_backend", "inductor") or "inductor")
-            # nested keys as inductor spells them: {cpp: {use_decompose_tanh: true}} -> "cpp.use_decompose_tanh"
-            options = flatten(OmegaConf.to_container(self.cfg.get("compile_options") or OmegaConf.create({})))
             kwargs = {"options": options} if options else {}
             if mode != "default":
                 kwargs["mode"] = mode
