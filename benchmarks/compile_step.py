@@ -253,6 +253,56 @@ def breakdown(args):
                   flush=True)
 
 
+def floor(args):
+    """How close the inference solve comes to the cost of its cell alone: core eager and
+    compiled solves against `nfe` calls of the race cell with nothing else (eager: a
+    Python loop; compiled: the same loop traced into one graph, `nfe` addmm + tanh
+    kernels), interleaved, the median of `--repeats` each. solve - cell is the solver's
+    own cost (residuals, masks, best state, the loop); eager solve / compiled cell bounds
+    the ratio core eager / compiled that any compiled solver could reach on this cell."""
+    options, inductor_options = deq_options(args), inductor_options_of(args)
+    print("| problem | nfe | core eager solve ms | cell alone x nfe, eager ms | core compiled "
+          "solve ms | cell alone x nfe, compiled ms | eager / compiled solve | eager solve / "
+          "compiled cell |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for problem in args.problems:
+        if problem == "mdeq":
+            continue  # no separate cell
+        cases = make_cases(problem, options, args.mode, args.check_every, inductor_options)
+        model, x = build(problem, "core", options)
+        model.eval()
+        with torch.no_grad():
+            _, info = model.deq(lambda z: model.cell(z, x), torch.zeros_like(x))
+        nfe = int(info["nfe"])
+
+        def cells(x, cell=model.cell, nfe=nfe):
+            z = torch.zeros_like(x)
+            for _ in range(nfe):
+                z = cell(z, x)
+            return z
+
+        compiled_cells = torch.compile(cells, mode=args.mode, options=inductor_options)
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    fn(x)
+            return run
+
+        fns = {"eager solve": cases["core"][1], "eager cell": no_grad(cells),
+               "compiled solve": cases["compiled"][1], "compiled cell": no_grad(compiled_cells)}
+        for fn in fns.values():  # warm-up; the compiled ones compile here
+            fn(), fn()
+        samples = {kind: [] for kind in fns}
+        for _ in range(args.repeats):
+            for kind, fn in fns.items():
+                samples[kind] += timed(fn, 1)
+        ms = {kind: 1e3 * statistics.median(s) for kind, s in samples.items()}
+        print(f"| {problem} | {nfe} | {ms['eager solve']:.2f} | {ms['eager cell']:.2f} | "
+              f"{ms['compiled solve']:.2f} | {ms['compiled cell']:.2f} | "
+              f"{ms['eager solve'] / ms['compiled solve']:.2f}x | "
+              f"{ms['eager solve'] / ms['compiled cell']:.2f}x |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", nargs="+", default=["tanh1024", "conv", "tanh32", "mdeq"],
@@ -279,6 +329,9 @@ def main(argv=None):
     parser.add_argument("--breakdown", action="store_true",
                         help="instead: core eager and compiled, train-mode forward / training "
                              "step / inference (where the step's time goes)")
+    parser.add_argument("--floor", action="store_true",
+                        help="instead: the inference solve against its cell alone, nfe "
+                             "times (eager and compiled; race problems only)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path)
@@ -287,6 +340,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.breakdown:
         breakdown(args)
+        return
+    if args.floor:
+        floor(args)
         return
     inductor_options = inductor_options_of(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "

@@ -19,7 +19,7 @@ weights are complex.
 Under torch.compile (no autograd, on CPU by default) steps 2..max_iter are one
 `torch.while_loop` that stops when no sample is active (`FixedPointProblem.while_active`):
 its body mixes the whole history, the entries not filled yet being zeros with a weight
-of exactly 0, and writes the ring slot (a tensor) with `index_copy`.
+of exactly 0, and writes the ring slot (a tensor) in place with `index_copy_`.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_History", mi
         if tracker.done:
             break
     if peel and p.max_iter > 1:
-        return p.while_active(tracker, captured, (x, ring.f, ring.g, mixer.gram),
+        return p.while_active(tracker, captured, (x,),
                               lambda k, t, state: _step(p, t, k, state, ring, mixer, m, tau))
     return tracker, None
 
@@ -125,9 +125,13 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_History", mi
 def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_History", mixer: "_Mixer", m: int,
           tau: float) -> tuple:
     """Step k (a 0-dim tensor) of a compiled solve's while loop: `_iterate`'s step on the
-    carried iterate x, history f, g (B, m, D) and Gram matrix (B, m, m), functionally, with
-    the whole history every step (the entries not filled yet are zero and get weight 0)."""
-    x, f, g, gram = state
+    carried iterate x, with the whole history every step (the entries not filled yet are
+    zero and get weight 0). The history f, g (B, m, D) and the Gram matrix (B, m, m) are
+    written in place: a while loop's body may change a tensor made outside it with grad
+    mode off (torch 2.14), as the compiled solves run; carried, they were copied whole at
+    every step."""
+    (x,) = state
+    f, g, gram = ring.f, ring.g, mixer.gram
     wdt = p.work_dtype
     alpha = mixer.weights_at(gram, torch.clamp(k - 1, max=m), (k - 2) % m)
     x_mix = row_mix(alpha, f).squeeze(1)
@@ -142,11 +146,11 @@ def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_History", mixer: "_M
     else:
         fx_state = fx = p.call_pure(x)
     slot = ((k - 1) % m).reshape(1)
-    f, g, dots = _History.store_at(f, g, slot, fx, x)
-    gram = mixer.add_at(gram, slot, dots)
+    dots = _History.store_at(f, g, slot, fx, x)
+    mixer.add_at(gram, slot, dots)
     t.observe(k, fx_state, dots.index_select(2, slot).real,
               torch.linalg.vector_norm(fx, dim=1, dtype=p.norm_dtype), squared=True)
-    return x, f, g, gram
+    return (x,)
 
 
 class _History:
@@ -225,13 +229,14 @@ class _History:
         return torch.bmm(g_row.conj(), self.prefix("gT", n))  # conj: a no-op when real
 
     @staticmethod
-    def store_at(f, g, slot: torch.Tensor, fx: torch.Tensor, x: torch.Tensor) -> tuple:
-        """`store` out of place at a tensor `slot` (shape (1,)), in a while loop: the new
-        f and g (B, m, D) and the new entry's dots with all m entries (B, 1, m)."""
+    def store_at(f, g, slot: torch.Tensor, fx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`store` at a tensor `slot` (shape (1,)), in a while loop: writes f(x) and g into
+        f and g (B, m, D) in place; returns the new entry's dots with all m entries
+        (B, 1, m)."""
         gx = fx - x
-        f = f.index_copy(1, slot, fx.unsqueeze(1))
-        g = g.index_copy(1, slot, gx.unsqueeze(1))
-        return f, g, torch.bmm(gx.unsqueeze(1).conj(), g.transpose(1, 2))
+        f.index_copy_(1, slot, fx.unsqueeze(1))
+        g.index_copy_(1, slot, gx.unsqueeze(1))
+        return torch.bmm(gx.unsqueeze(1).conj(), g.transpose(1, 2))
 
 
 class _Mixer:
@@ -289,13 +294,13 @@ class _Mixer:
         row.copy_(entries)
         column.copy_(entries.conj() if self.complex else entries)
 
-    def add_at(self, gram: torch.Tensor, slot: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
-        """`add` out of place at a tensor `slot` (shape (1,)) with the dots with all m
-        entries (B, 1, m), in a while loop (unrolled mode): the new Gram matrix."""
+    def add_at(self, gram: torch.Tensor, slot: torch.Tensor, dots: torch.Tensor) -> None:
+        """`add` at a tensor `slot` (shape (1,)) with the dots with all m entries
+        (B, 1, m), in a while loop (unrolled mode): writes the Gram matrix in place."""
         entries = torch.addcmul(self.shift.index_select(0, slot), dots,
                                 self.scale.index_select(0, slot))
-        gram = gram.index_copy(1, slot, entries)
-        return gram.index_copy(2, slot, (entries.conj() if self.complex else entries).transpose(1, 2))
+        gram.index_copy_(1, slot, entries)
+        gram.index_copy_(2, slot, (entries.conj() if self.complex else entries).transpose(1, 2))
 
     def weights_at(self, gram: torch.Tensor, n: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
         """`weights` in a while loop (unrolled mode): n and newest are 0-dim tensors, and

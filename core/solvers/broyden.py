@@ -41,7 +41,9 @@ s is the difference of the rounded states, not the step. There is no line search
 Under torch.compile (no autograd, on CPU by default) steps 2..max_iter are one
 `torch.while_loop` that stops when no sample is active (`FixedPointProblem.while_active`):
 the ring slot is a tensor there, so every slot takes part in each step, those not in use
-masked as the spare is (`_PairRing.add_and_step_at`).
+masked as the spare is, the ring and K are written in place, and K is solved by an opaque
+operator that reads the number of pairs in use and solves only them while the ring fills
+(`_PairRing.add_and_step_at`, `stat.solve_leading`).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ import torch
 from .problem import FixedPointProblem
 from . import workspace
 from .registry import register_solver
-from .stat import finite_on_host, host_solve, is_narrow, row_mix, solves_on_host
+from .stat import finite_on_host, host_solve, is_narrow, row_mix, solve_leading, solves_on_host
 
 __all__ = ["broyden"]
 
@@ -129,16 +131,17 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_PairRing"):
             step = ring.add_and_step(fx, fx_prev, (x, x_prev) if low_precision else None)
         x_prev, fx_prev = x, fx
     if peel and p.max_iter > 1:  # step 1's step is g, already s_0 in row 0
-        return p.while_active(tracker, captured, (x, g, fx, ring.memory, ring.system),
+        return p.while_active(tracker, captured, (x, g, fx),
                               lambda k, t, state: _step(p, t, k, state, ring))
     return tracker, None
 
 
 def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_PairRing") -> tuple:
     """Step k (a 0-dim tensor) of a compiled solve's while loop: `_iterate`'s step on the
-    carried iterate x, step, f(x) of the last step, ring memory and K, functionally. The
-    next step is computed even at k = max_iter (the loop then ends; it is not used)."""
-    x_prev, step, fx_prev, memory, system = state
+    carried iterate x, step and f(x) of the last step; the ring's memory and K are written
+    in place (`_PairRing.add_and_step_at`). The next step is computed even at k = max_iter
+    (the loop then ends; it is not used)."""
+    x_prev, step, fx_prev = state
     wdt = p.work_dtype
     x = t.freeze(x_prev + step, x_prev)
     if wdt != p.dtype:
@@ -151,9 +154,8 @@ def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_PairRing") -> tuple:
     g = fx - x
     t.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=p.norm_dtype),
               torch.linalg.vector_norm(fx, dim=1, dtype=p.norm_dtype))
-    memory, system, step = ring.add_and_step_at(memory, system, k - 2, g, fx, fx_prev,
-                                                (x, x_prev) if wdt != p.dtype else None)
-    return x, step, fx, memory, system
+    step = ring.add_and_step_at(k - 2, g, fx, fx_prev, (x, x_prev) if wdt != p.dtype else None)
+    return x, step, fx
 
 
 class _PairRing:
@@ -290,10 +292,15 @@ class _PairRing:
             self.rows[0].copy_(step)
         return step
 
-    def add_and_step_at(self, memory, system, count: torch.Tensor, g, fx, fx_prev, states=None):
-        """`add_and_step` in a compiled solve's while loop, out of place: `count` (a 0-dim
-        tensor) pairs are stored, g = f(x) - x is this step's residual. Returns the new
-        memory, K and step.
+    def add_and_step_at(self, count: torch.Tensor, g, fx, fx_prev, states=None):
+        """`add_and_step` in a compiled solve's while loop: `count` (a 0-dim tensor) pairs
+        are stored, g = f(x) - x is this step's residual. Writes the new pair, its row and
+        column of K and the step into the memory and K in place, and returns the step.
+
+        In place: a while loop's body may change a tensor made outside it with grad mode
+        off (torch 2.14), as the compiled solves run; carried instead, the whole ring
+        (2(m + 1) + 1 rows of (B, D)) was copied at every step, and at m = 20 that copy
+        cost three times the rest of the step (tanh d=32, batch 512, measured).
 
         Every slot takes part: K (B, m + 1, m + 1) and S^T g are solved whole, with the
         slots not in use (not filled yet, and the spare) masked as `add_and_step` masks
@@ -301,27 +308,32 @@ class _PairRing:
         coefficients are exactly 0 and the rest is the system of the pairs in use. The
         g row of the memory is not written (only its dots with the masked slot would
         read it): the step goes there."""
-        slots = self.slots
+        memory, system, slots = self.memory, self.system, self.slots
         slot = count % slots
         base = 2 * slot
         full = count + 1 > self.m
         position = torch.arange(slots, device=memory.device)
         unused = (position > count) | (full & (position == (slot + 1) % slots))
         p_new = fx - fx_prev
-        memory = memory.index_copy(0, (base + 1).reshape(1), p_new.unsqueeze(0))
+        memory.index_copy_(0, (base + 1).reshape(1), p_new.unsqueeze(0))
         if states is not None:
             s_new = states[0] - states[1]
-            memory = memory.index_copy(0, base.reshape(1), s_new.unsqueeze(0))
+            memory.index_copy_(0, base.reshape(1), s_new.unsqueeze(0))
         else:
             s_new = memory.index_select(0, base.reshape(1)).squeeze(0)
         stage = torch.stack((s_new, p_new, g), dim=1)  # s, p, g: (B, 3, D)
-        dots = torch.bmm(stage, memory[:2 * slots].permute(1, 2, 0))  # (B, 3, 2 slots)
+        ring = memory[:2 * slots]
+        if is_narrow(stage):  # one fused reduction; bmm's per-sample GEMMs cost 2x more
+            dots = (stage.unsqueeze(2) * ring.transpose(0, 1).unsqueeze(1)).sum(3)
+        else:
+            dots = torch.bmm(stage, ring.permute(1, 2, 0))  # (B, 3, 2 slots)
         index = slot.reshape(1)
-        system = system.index_copy(1, index, dots[:, 0:1, 1::2])  # s . p_j
-        system = system.index_copy(2, index, (dots[:, 1, 0::2] - dots[:, 0, 0::2]).unsqueeze(2))
+        system.index_copy_(1, index, dots[:, 0:1, 1::2])  # s . p_j
+        system.index_copy_(2, index, (dots[:, 1, 0::2] - dots[:, 0, 0::2]).unsqueeze(2))
         rhs = torch.where(unused.unsqueeze(1), self.zero, dots[:, 2, 0::2].unsqueeze(2))
         masked = torch.where(unused.unsqueeze(1) | unused.unsqueeze(0), self.unit, system)
-        coeffs = torch.linalg.solve_ex(masked, rhs)[0].transpose(1, 2)
+        # the slots in use lead until the ring is full (count + 1 pairs in slots 0..count)
+        coeffs = solve_leading(masked, rhs, count + 1).transpose(1, 2)
         total = coeffs.sum(dim=2, keepdim=True)
         coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
         p_ring = memory[1:2 * slots:2].transpose(0, 1)  # P: (B, m + 1, D)
@@ -329,10 +341,10 @@ class _PairRing:
         step = (torch.sub(g_row, row_mix(coeffs, p_ring)) if is_narrow(p_ring)
                 else torch.baddbmm(g_row, coeffs, p_ring, alpha=-1.0)).squeeze(1)
         # the step is the next s: row 2 slot + 2, and row 0 too when that is the last row
-        rows = torch.arange(memory.shape[0], device=memory.device)
-        write = (rows == base + 2) | ((rows == 0) & (slot == self.m))
-        memory = torch.where(write[:, None, None], step.unsqueeze(0), memory)
-        return memory, system, step
+        # (the same rows twice when it is not: index_copy_ then writes equal values)
+        rows = torch.stack((base + 2, torch.where(slot == self.m, 0, base + 2)))
+        memory.index_copy_(0, rows, step.unsqueeze(0).expand(2, -1, -1))
+        return step
 
 
 register_solver("broyden", broyden)

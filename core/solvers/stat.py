@@ -122,6 +122,32 @@ def host_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     return x if _all_finite(x) else None
 
 
+@torch.library.custom_op("core::solve_leading", mutates_args=())
+def solve_leading(system: torch.Tensor, rhs: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """x with system[:, :n, :n] x[:, :n] = rhs[:, :n] and x[:, n:] = 0, n = min(count, N):
+    the leading block of (B, N, N) systems whose other rows and columns are unit rows and
+    columns with a zero right-hand side (a ring of N slots, `count` of them in use), so
+    that x is their whole solution.
+
+    An opaque operator for a compiled solve's while loop, where shapes are static: the
+    whole (N, N) LU at every step cost more than the rest of a Broyden step (N = 21) while
+    the ring fills. Run eagerly, it reads `count` on the host and solves as the eager
+    solvers do (numpy up to `HOST_SOLVE_MAX_BATCH` on CPU, else `solve_ex`); non-finite
+    entries are the caller's to handle."""
+    n = min(int(count), system.shape[1])
+    out = torch.zeros_like(rhs)
+    a, b = system[:, :n, :n], rhs[:, :n]
+    solution = host_solve(a.numpy(), b.numpy()) if solves_on_host(a) else None
+    out[:, :n] = (torch.from_numpy(solution) if solution is not None
+                  else torch.linalg.solve_ex(a, b)[0])
+    return out
+
+
+@solve_leading.register_fake
+def _solve_leading_shape(system, rhs, count):
+    return torch.empty_like(rhs)
+
+
 def residuals(fz: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype):
     """Per-row absolute ||diff|| and relative ||diff|| / (||fz|| + 1e-9), computed in `dtype`
     (a `norm_dtype`; the results are real)."""

@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from core.solvers import anderson, broyden, fixed_point_iter
+from core.solvers.stat import solve_leading
 
 KEYS = ("abs_lowest", "rel_lowest", "nstep", "abs_trace", "rel_trace", "n_fallback")
 
@@ -94,6 +95,49 @@ def test_compiled_anderson_and_broyden_stop_when_converged(solver, tuple_state, 
     assert int(info["nfe"]) <= 15 and int(info["nfe"]) == int(eager[2]["nfe"])
     assert info["nstep"].max() <= 15 and info["nstep"].min() < info["nstep"].max()
     assert info["abs_trace"].shape == (6, 41)  # padded past the last step, as eager
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_compiled_broyden_wraps_its_ring_of_narrow_rows(m):
+    """Rows of width 32 (the dots as one fused reduction, not bmm) and m=2, 3 pairs: the
+    ~10-step solve fills the ring, which the compiled loop writes in place, and then
+    solves the whole system with the spare masked; the result is eager's."""
+    func, z0 = _contraction(False)
+    kwargs = dict(max_iter=40, tol=1e-5, m=m, indexing=[2, 5, 40])
+    with torch.no_grad():
+        eager = broyden(func, z0, **kwargs)
+        compiled, counter = _compile_counted(lambda z: broyden(func, z, **kwargs), fullgraph=True)
+        z, states, info = compiled(z0)
+    assert counter.frame_count == 1
+    assert int(eager[2]["nfe"]) > m + 2  # the ring wrapped
+    assert (z - eager[0]).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(states, eager[1]))
+    assert int(info["nfe"]) == int(eager[2]["nfe"])
+    assert torch.allclose(info["abs_trace"], eager[2]["abs_trace"], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [8, 100], ids=["numpy", "solve_ex"])
+def test_solve_leading_solves_the_block_in_use(batch):
+    """`solve_leading` on systems whose slots past `count` are unit rows and columns with a
+    zero right-hand side: the whole system's solution, eagerly (numpy up to 64 samples,
+    else solve_ex) and inside a compiled graph (count a tensor); count past the size
+    solves the whole system."""
+    gen = torch.Generator().manual_seed(3)
+    size = 6
+    for count in (1, 4, 6, 9):
+        n = min(count, size)
+        system = torch.eye(size).repeat(batch, 1, 1)
+        system[:, :n, :n] = torch.randn(batch, n, n, generator=gen) + 3 * torch.eye(n)
+        rhs = torch.zeros(batch, size, 1)
+        rhs[:, :n] = torch.randn(batch, n, 1, generator=gen)
+        expected = torch.linalg.solve(system, rhs)
+        eager = solve_leading(system, rhs, torch.tensor(count))
+        assert torch.allclose(eager, expected, rtol=1e-4, atol=1e-5), count
+        assert torch.all(eager[:, n:] == 0)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, b, c: solve_leading(a, b, c + 0), fullgraph=True,
+                                 backend="aot_eager")
+        assert torch.equal(compiled(system, rhs, torch.tensor(count)), eager)
 
 
 # max_iter 40: converged after about 10 steps; max_iter 7 (tol 1e-12): the budget ends
