@@ -41,9 +41,9 @@ s is the difference of the rounded states, not the step. There is no line search
 Under torch.compile (no autograd, on CPU by default) steps 2..max_iter are one
 `torch.while_loop` that stops when no sample is active (`FixedPointProblem.while_active`):
 the ring slot is a tensor there, so every slot takes part in each step, those not in use
-masked as the spare is, the ring and K are written in place, and K is solved by an opaque
-operator that reads the number of pairs in use and solves only them while the ring fills
-(`_PairRing.add_and_step_at`, `stat.solve_leading`).
+masked as the spare is, and the ring and K are written in place; opaque operators that
+read the number of slots in use on the host form the products with the ring and solve K
+over those slots only, as the eager loop does (`_PairRing.add_and_step_at`).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def broyden(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None,
 
     batch, dim = p.z0.shape
     device = p.z0.device
-    build = lambda: _PairRing(m, batch, dim, wdt, device, zeroed=p.early_exit_loop)  # noqa: E731
+    build = lambda: _PairRing(m, batch, dim, wdt, device)  # noqa: E731
     if p.traced:  # no `with` around the loop: dynamo cannot resume a graph break inside one
         tracker, nfe = _iterate(p, tracker, captured, build())
     else:
@@ -175,12 +175,9 @@ class _PairRing:
     sync-free mode assigns them (torch.compile rejects `out=` on strided views).
     """
 
-    def __init__(self, m, batch, dim, dtype, device, zeroed=False):
+    def __init__(self, m, batch, dim, dtype, device):
         self.m, self.slots = m, m + 1
-        # `zeroed` (a compiled solve's while loop reads every slot): rows not written yet
-        # are zeros, so their coefficient of exactly 0 gives exactly 0
-        new = torch.zeros if zeroed else torch.empty
-        self.memory = new(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
+        self.memory = torch.empty(2 * self.slots + 1, batch, dim, dtype=dtype, device=device)
         self.rows = self.memory.unbind(0)  # (B, D) each
         self.system = torch.empty(batch, self.slots, self.slots, dtype=dtype, device=device)  # K
         self.dots = torch.empty(batch * 3 * 2 * self.slots, dtype=dtype, device=device)
@@ -302,12 +299,13 @@ class _PairRing:
         (2(m + 1) + 1 rows of (B, D)) was copied at every step, and at m = 20 that copy
         cost three times the rest of the step (tanh d=32, batch 512, measured).
 
-        Every slot takes part: K (B, m + 1, m + 1) and S^T g are solved whole, with the
-        slots not in use (not filled yet, and the spare) masked as `add_and_step` masks
-        the spare, a unit row and column and a zero right-hand side, so their
-        coefficients are exactly 0 and the rest is the system of the pairs in use. The
-        g row of the memory is not written (only its dots with the masked slot would
-        read it): the step goes there."""
+        K (B, m + 1, m + 1) has static shape: the slots not in use (not filled yet, and
+        the spare) are masked as `add_and_step` masks the spare, a unit row and column
+        and a zero right-hand side, so their coefficients are exactly 0 and the rest is
+        the system of the pairs in use. The products with the ring and K's solve read
+        only the slots in use (`_ring_dots`, `_ring_mix`, `stat.solve_leading`), so the
+        rows not written yet are never read. The g row of the memory is not written
+        (only its dots with the masked slot would read it): the step goes there."""
         memory, system, slots = self.memory, self.system, self.slots
         slot = count % slots
         base = 2 * slot
@@ -322,29 +320,58 @@ class _PairRing:
         else:
             s_new = memory.index_select(0, base.reshape(1)).squeeze(0)
         stage = torch.stack((s_new, p_new, g), dim=1)  # s, p, g: (B, 3, D)
-        ring = memory[:2 * slots]
-        if is_narrow(stage):  # one fused reduction; bmm's per-sample GEMMs cost 2x more
-            dots = (stage.unsqueeze(2) * ring.transpose(0, 1).unsqueeze(1)).sum(3)
-        else:
-            dots = torch.bmm(stage, ring.permute(1, 2, 0))  # (B, 3, 2 slots)
+        # the slots in use: count + 1 pairs in slots 0..count, all of them once full
+        in_use = torch.clamp(count + 1, max=slots)
+        dots = _ring_dots(stage, memory, in_use)  # (B, 3, 2 slots), zero past the slots in use
         index = slot.reshape(1)
         system.index_copy_(1, index, dots[:, 0:1, 1::2])  # s . p_j
         system.index_copy_(2, index, (dots[:, 1, 0::2] - dots[:, 0, 0::2]).unsqueeze(2))
         rhs = torch.where(unused.unsqueeze(1), self.zero, dots[:, 2, 0::2].unsqueeze(2))
         masked = torch.where(unused.unsqueeze(1) | unused.unsqueeze(0), self.unit, system)
-        # the slots in use lead until the ring is full (count + 1 pairs in slots 0..count)
-        coeffs = solve_leading(masked, rhs, count + 1).transpose(1, 2)
+        coeffs = solve_leading(masked, rhs, in_use).transpose(1, 2)
         total = coeffs.sum(dim=2, keepdim=True)
         coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
-        p_ring = memory[1:2 * slots:2].transpose(0, 1)  # P: (B, m + 1, D)
-        g_row = g.unsqueeze(1)
-        step = (torch.sub(g_row, row_mix(coeffs, p_ring)) if is_narrow(p_ring)
-                else torch.baddbmm(g_row, coeffs, p_ring, alpha=-1.0)).squeeze(1)
+        step = g - _ring_mix(coeffs, memory, in_use)
         # the step is the next s: row 2 slot + 2, and row 0 too when that is the last row
         # (the same rows twice when it is not: index_copy_ then writes equal values)
         rows = torch.stack((base + 2, torch.where(slot == self.m, 0, base + 2)))
         memory.index_copy_(0, rows, step.unsqueeze(0).expand(2, -1, -1))
         return step
+
+
+# A compiled solve's shapes are static, but the ring's slots fill one a step: reading the
+# whole ring (2(m + 1) rows of (B, D)) at every step, where eager mode reads the 2n rows in
+# use, made the compiled conv cell's Broyden 3x slower than eager (the products are
+# bound by memory traffic). These two opaque operators read the number of slots in use
+# on the host, as the eager loop knows it, and touch only those rows.
+
+@torch.library.custom_op("core::broyden_ring_dots", mutates_args=())
+def _ring_dots(stage: torch.Tensor, memory: torch.Tensor, in_use: torch.Tensor) -> torch.Tensor:
+    """[s; p; g] (B, 3, D) . [s_0, p_0, s_1, ...] over the first `in_use` slots of the
+    ring `memory` (rows of (B, D)): (B, 3, 2 slots), zero past them."""
+    slots = (memory.shape[0] - 1) // 2
+    n = 2 * min(int(in_use), slots)
+    dots = torch.bmm(stage, memory[:n].permute(1, 2, 0))  # into a strided out=: 10x slower
+    return torch.nn.functional.pad(dots, (0, 2 * slots - n))
+
+
+@_ring_dots.register_fake
+def _ring_dots_shape(stage, memory, in_use):
+    return stage.new_empty(stage.shape[0], 3, memory.shape[0] - 1)
+
+
+@torch.library.custom_op("core::broyden_ring_mix", mutates_args=())
+def _ring_mix(coeffs: torch.Tensor, memory: torch.Tensor, in_use: torch.Tensor) -> torch.Tensor:
+    """sum_i coeffs_i p_i (B, D) over the first `in_use` slots of the ring; coeffs (B, 1,
+    slots)."""
+    slots = (memory.shape[0] - 1) // 2
+    n = min(int(in_use), slots)
+    return row_mix(coeffs[:, :, :n], memory[1:2 * n:2].transpose(0, 1)).squeeze(1)
+
+
+@_ring_mix.register_fake
+def _ring_mix_shape(coeffs, memory, in_use):
+    return memory.new_empty(memory.shape[1:])
 
 
 register_solver("broyden", broyden)

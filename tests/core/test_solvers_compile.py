@@ -98,10 +98,10 @@ def test_compiled_anderson_and_broyden_stop_when_converged(solver, tuple_state, 
 
 
 @pytest.mark.parametrize("m", [2, 3])
-def test_compiled_broyden_wraps_its_ring_of_narrow_rows(m):
-    """Rows of width 32 (the dots as one fused reduction, not bmm) and m=2, 3 pairs: the
-    ~10-step solve fills the ring, which the compiled loop writes in place, and then
-    solves the whole system with the spare masked; the result is eager's."""
+def test_compiled_broyden_wraps_its_ring(m):
+    """m=2, 3 pairs: the ~10-step solve fills the ring, which the compiled loop writes in
+    place and reads only where slots are in use (the products and K's solve, by opaque
+    operators) until it is full, then whole with the spare masked; the result is eager's."""
     func, z0 = _contraction(False)
     kwargs = dict(max_iter=40, tol=1e-5, m=m, indexing=[2, 5, 40])
     with torch.no_grad():
