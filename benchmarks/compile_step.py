@@ -18,7 +18,8 @@ tanh d=32 batch 512, with their weights made parameters) and the digits MDEQ
     python benchmarks/compile_step.py --threads 2 --problems tanh32 [--solver anderson]
 
 Not a test: nothing is asserted. Printed: ms per case and the ratios core eager /
-compiled and TorchDEQ / compiled (> 1: compiled is faster).
+compiled and TorchDEQ / compiled (> 1: compiled is faster). `--breakdown` splits core's
+training step; `--floor` sets the inference solve against its cell alone, `nfe` times.
 """
 from __future__ import annotations
 
