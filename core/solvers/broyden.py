@@ -299,19 +299,17 @@ class _PairRing:
         (2(m + 1) + 1 rows of (B, D)) was copied at every step, and at m = 20 that copy
         cost three times the rest of the step (tanh d=32, batch 512, measured).
 
-        K (B, m + 1, m + 1) has static shape: the slots not in use (not filled yet, and
-        the spare) are masked as `add_and_step` masks the spare, a unit row and column
-        and a zero right-hand side, so their coefficients are exactly 0 and the rest is
-        the system of the pairs in use. The products with the ring and K's solve read
-        only the slots in use (`_ring_dots`, `_ring_mix`, `stat.solve_leading`), so the
-        rows not written yet are never read. The g row of the memory is not written
-        (only its dots with the masked slot would read it): the step goes there."""
+        K (B, m + 1, m + 1) has static shape, but the products with the ring and K's
+        solve read only the slots in use (`_ring_dots`, `_ring_mix`,
+        `stat.solve_leading`), so the rows and entries not written yet are never read;
+        once the ring is full the spare is masked as in `add_and_step`, a unit row and
+        column and a zero right-hand side, so its coefficient is exactly 0. The g row of
+        the memory is not written (only its dots with the masked slot would read it): the
+        step goes there."""
         memory, system, slots = self.memory, self.system, self.slots
         slot = count % slots
         base = 2 * slot
         full = count + 1 > self.m
-        position = torch.arange(slots, device=memory.device)
-        unused = (position > count) | (full & (position == (slot + 1) % slots))
         p_new = fx - fx_prev
         memory.index_copy_(0, (base + 1).reshape(1), p_new.unsqueeze(0))
         if states is not None:
@@ -326,9 +324,9 @@ class _PairRing:
         index = slot.reshape(1)
         system.index_copy_(1, index, dots[:, 0:1, 1::2])  # s . p_j
         system.index_copy_(2, index, (dots[:, 1, 0::2] - dots[:, 0, 0::2]).unsqueeze(2))
-        rhs = torch.where(unused.unsqueeze(1), self.zero, dots[:, 2, 0::2].unsqueeze(2))
-        masked = torch.where(unused.unsqueeze(1) | unused.unsqueeze(0), self.unit, system)
-        coeffs = solve_leading(masked, rhs, in_use).transpose(1, 2)
+        spare = torch.where(full, (slot + 1) % slots, -1)  # its coefficient is 0
+        coeffs = solve_leading(system, dots[:, 2, 0::2].unsqueeze(2), in_use, spare)
+        coeffs = coeffs.transpose(1, 2)
         total = coeffs.sum(dim=2, keepdim=True)
         coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
         step = g - _ring_mix(coeffs, memory, in_use)

@@ -123,20 +123,27 @@ def host_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
 
 
 @torch.library.custom_op("core::solve_leading", mutates_args=())
-def solve_leading(system: torch.Tensor, rhs: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """x with system[:, :n, :n] x[:, :n] = rhs[:, :n] and x[:, n:] = 0, n = min(count, N):
-    the leading block of (B, N, N) systems whose other rows and columns are unit rows and
-    columns with a zero right-hand side (a ring of N slots, `count` of them in use), so
-    that x is their whole solution.
+def solve_leading(system: torch.Tensor, rhs: torch.Tensor, count: torch.Tensor,
+                  unit: torch.Tensor) -> torch.Tensor:
+    """x (B, N, 1) of (B, N, N) systems over their leading n = min(count, N) rows and
+    columns (a ring of N slots, `count` of them in use): x[:, :n] solves the leading
+    block, with row and column `unit` of it (if 0 <= unit < n; else none) taken as a unit
+    row and column with a zero right-hand side, and x is 0 there and past n. Entries
+    outside the block (and of the unit row and column) are never read.
 
     An opaque operator for a compiled solve's while loop, where shapes are static: the
-    whole (N, N) LU at every step cost more than the rest of a Broyden step (N = 21) while
-    the ring fills. Run eagerly, it reads `count` on the host and solves as the eager
-    solvers do (numpy up to `HOST_SOLVE_MAX_BATCH` on CPU, else `solve_ex`); non-finite
-    entries are the caller's to handle."""
+    whole (N, N) LU at every step cost more than the rest of a Broyden step (N = 21)
+    while the ring fills. Run eagerly, it reads `count` and `unit`
+    on the host and solves as the eager solvers do (numpy up to `HOST_SOLVE_MAX_BATCH` on
+    CPU, else `solve_ex`); non-finite entries are the caller's to handle."""
     n = min(int(count), system.shape[1])
-    out = torch.zeros_like(rhs)
     a, b = system[:, :n, :n], rhs[:, :n]
+    skip = int(unit)
+    if 0 <= skip < n:
+        a, b = a.clone(), b.clone()
+        a[:, skip], a[:, :, skip], b[:, skip] = 0.0, 0.0, 0.0
+        a[:, skip, skip] = 1.0
+    out = torch.zeros_like(rhs)
     solution = host_solve(a.numpy(), b.numpy()) if solves_on_host(a) else None
     out[:, :n] = (torch.from_numpy(solution) if solution is not None
                   else torch.linalg.solve_ex(a, b)[0])
@@ -144,7 +151,7 @@ def solve_leading(system: torch.Tensor, rhs: torch.Tensor, count: torch.Tensor) 
 
 
 @solve_leading.register_fake
-def _solve_leading_shape(system, rhs, count):
+def _solve_leading_shape(system, rhs, count, unit):
     return torch.empty_like(rhs)
 
 

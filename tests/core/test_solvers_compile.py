@@ -118,26 +118,33 @@ def test_compiled_broyden_wraps_its_ring(m):
 
 @pytest.mark.parametrize("batch", [8, 100], ids=["numpy", "solve_ex"])
 def test_solve_leading_solves_the_block_in_use(batch):
-    """`solve_leading` on systems whose slots past `count` are unit rows and columns with a
-    zero right-hand side: the whole system's solution, eagerly (numpy up to 64 samples,
-    else solve_ex) and inside a compiled graph (count a tensor); count past the size
-    solves the whole system."""
+    """`solve_leading` reads only the leading `count` rows and columns, less row and column
+    `unit`: NaN everywhere else (stale or never written entries) does not reach the
+    solution, which is that of the system with those rows and columns made unit rows and
+    columns with a zero right-hand side; eagerly (numpy up to 64 samples, else solve_ex)
+    and inside a compiled graph (count and unit tensors); a count past the size solves
+    the whole block."""
     gen = torch.Generator().manual_seed(3)
     size = 6
-    for count in (1, 4, 6, 9):
+    for count, unit in ((1, -1), (4, -1), (4, 2), (6, 0), (6, 5), (9, 3)):
         n = min(count, size)
-        system = torch.eye(size).repeat(batch, 1, 1)
-        system[:, :n, :n] = torch.randn(batch, n, n, generator=gen) + 3 * torch.eye(n)
-        rhs = torch.zeros(batch, size, 1)
-        rhs[:, :n] = torch.randn(batch, n, 1, generator=gen)
-        expected = torch.linalg.solve(system, rhs)
-        eager = solve_leading(system, rhs, torch.tensor(count))
-        assert torch.allclose(eager, expected, rtol=1e-4, atol=1e-5), count
-        assert torch.all(eager[:, n:] == 0)
+        system = torch.randn(batch, size, size, generator=gen) + 3 * torch.eye(size)
+        rhs = torch.randn(batch, size, 1, generator=gen)
+        used = torch.arange(size) < n
+        if unit >= 0:
+            used[unit] = False
+        masked = torch.where(used[:, None] & used[None, :], system, torch.eye(size))
+        expected = torch.linalg.solve(masked, torch.where(used[:, None], rhs, 0.0))
+        stale = torch.where(used[:, None] & used[None, :], system, float("nan"))
+        eager = solve_leading(stale, torch.where(used[:, None], rhs, float("nan")),
+                              torch.tensor(count), torch.tensor(unit))
+        assert torch.allclose(eager, expected, rtol=1e-4, atol=1e-5), (count, unit)
+        assert torch.all(eager[:, ~used] == 0)
         torch._dynamo.reset()
-        compiled = torch.compile(lambda a, b, c: solve_leading(a, b, c + 0), fullgraph=True,
-                                 backend="aot_eager")
-        assert torch.equal(compiled(system, rhs, torch.tensor(count)), eager)
+        compiled = torch.compile(lambda a, b, c, u: solve_leading(a, b, c + 0, u + 0),
+                                 fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(stale, torch.where(used[:, None], rhs, float("nan")),
+                                    torch.tensor(count), torch.tensor(unit)), eager)
 
 
 # max_iter 40: converged after about 10 steps; max_iter 7 (tol 1e-12): the budget ends
