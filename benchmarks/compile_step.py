@@ -19,7 +19,8 @@ tanh d=32 batch 512, with their weights made parameters) and the digits MDEQ
 
 Not a test: nothing is asserted. Printed: ms per case and the ratios core eager /
 compiled and TorchDEQ / compiled (> 1: compiled is faster). `--breakdown` splits core's
-training step; `--floor` sets the inference solve against its cell alone, `nfe` times.
+training step; `--floor` sets the inference solve against its cell alone, `nfe` times; `--ladder`
+against hand-written compiled loops that add core's per-step duties one by one.
 """
 from __future__ import annotations
 
@@ -304,6 +305,103 @@ def floor(args):
               f"{ms['eager solve'] / ms['compiled cell']:.2f}x |", flush=True)
 
 
+LADDER = ("cell", "stop mask", "best state", "trace", "safety net")
+
+
+def ladder_solve(cell, x, max_iter, tol, rungs):
+    """Fixed-point iteration of `cell` in one `torch.while_loop`, with the first `rungs`
+    of core's per-step duties (`LADDER`), written by hand: "cell" only iterates (stopping
+    at the step count core's solve took, `max_iter` here); "stop mask" adds the residual
+    norms and per-sample freezing, the loop ending when no sample is active; "best
+    state" the lowest residual and the state it came with; "trace" a residual trace row
+    written in place; "safety net" the divergence limit, the caught samples and the step
+    of the lowest residual (what core's tracker does). The solve under `no_grad`."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    batch = x.shape[0]
+    z0 = torch.zeros_like(x)
+    one = torch.ones((), dtype=torch.long)
+    if rungs == 1:
+        return while_loop(lambda k, z: k < max_iter, lambda k, z: (k + 1, cell(z, x)),
+                          (one, cell(z0, x)))[1]
+    trace = torch.full((max_iter + 1, 2, batch), 1e8)
+    fz = cell(z0, x)
+    res = torch.linalg.vector_norm(fz - z0, dim=1)
+    limit = 1e3 * res
+
+    # carried: k, z, active, then best and lowest (rung 3), lowest_step and caught (rung 5)
+    names = ("best", "lowest", "lowest_step", "caught")[:0 if rungs < 3 else 2 if rungs < 5 else 4]
+
+    def step(k, z, active, *rest):
+        c = dict(zip(names, rest))
+        k = k + 1
+        fz = cell(z, x)
+        res = torch.linalg.vector_norm(fz - z, dim=1)
+        ok = active & (res <= limit) if rungs >= 5 else active
+        if rungs >= 3:
+            lowest = c["lowest"]
+            improved = ok & (res < lowest)
+            c["best"] = torch.where(improved.unsqueeze(1), fz, c["best"])
+            c["lowest"] = torch.where(improved, res, lowest)
+            if rungs >= 4:
+                rel = res / (torch.linalg.vector_norm(fz, dim=1) + 1e-9)
+                row = torch.where(active, torch.stack((res, rel)), lowest.expand(2, -1))
+                trace.index_copy_(0, k.reshape(1), row.unsqueeze(0))
+            if rungs >= 5:
+                c["lowest_step"] = torch.where(improved, k.float(), c["lowest_step"])
+                c["caught"] = c["caught"] | (active & ~ok)
+        z = torch.where(active.unsqueeze(1), fz, z)
+        return (k, z, ok & (res >= tol), *(c[name] for name in names))
+
+    first = {"best": fz.clone(), "lowest": res, "lowest_step": torch.ones(batch),
+             "caught": torch.zeros(batch, dtype=torch.bool)}
+    carried = (one, fz, res >= tol, *(first[name] for name in names))
+    out = while_loop(lambda k, z, active, *rest: (k < max_iter) & active.any(), step, carried)
+    return out[3] if rungs >= 3 else out[1]
+
+
+def ladder(args):
+    """The compiled inference solve's cost, duty by duty: `ladder_solve` with 1..5 rungs
+    against core's compiled and eager solves (fixed-point iteration, race problems of
+    the tanh cell), interleaved, the median of `--repeats` each. The rungs' steps tell what
+    each of core's per-step duties costs under inductor."""
+    options, inductor_options = deq_options(args), inductor_options_of(args)
+    print("| problem | solve | nfe | ms | core eager / this |\n|---|---|---:|---:|---:|")
+    for problem in args.problems:
+        if problem not in ("tanh32", "tanh1024"):
+            continue
+        cases = make_cases(problem, dict(options, f_solver="fixed_point_iter"), args.mode,
+                           args.check_every, inductor_options)
+        model, x = build(problem, "core", options)
+        model.eval()
+        with torch.no_grad():
+            _, info = model.deq(lambda z: model.cell(z, x), torch.zeros_like(x))
+        nfe = int(info["nfe"])
+        fns = {"core eager": cases["core"][1], "core compiled": cases["compiled"][1]}
+        for rungs, name in enumerate(LADDER, start=1):
+            solve = torch.compile(lambda x, rungs=rungs: ladder_solve(
+                model.cell, x, nfe if rungs == 1 else args.f_max_iter, args.tol, rungs),
+                mode=args.mode, options=inductor_options)
+
+            def run(solve=solve):
+                with torch.no_grad():
+                    solve(x)
+            fns[f"+ {name}" if rungs > 1 else name] = run
+        with torch.no_grad():  # the full ladder is core's solve: the same fixed point
+            gap = (solve(x) - model(x)).abs().max().item()
+        print(f"| {problem} | all rungs against core: max abs difference of z {gap:.1e} | | | |")
+        for fn in fns.values():  # warm-up; the compiled ones compile here
+            fn(), fn()
+        samples = {kind: [] for kind in fns}
+        for _ in range(args.repeats):
+            for kind, fn in fns.items():
+                samples[kind] += timed(fn, 1)
+        ms = {kind: 1e3 * statistics.median(s) for kind, s in samples.items()}
+        for kind in fns:
+            print(f"| {problem} | {kind} | {nfe} | {ms[kind]:.2f} | "
+                  f"{ms['core eager'] / ms[kind]:.2f}x |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", nargs="+", default=["tanh1024", "conv", "tanh32", "mdeq"],
@@ -333,6 +431,9 @@ def main(argv=None):
     parser.add_argument("--floor", action="store_true",
                         help="instead: the inference solve against its cell alone, nfe "
                              "times (eager and compiled; race problems only)")
+    parser.add_argument("--ladder", action="store_true",
+                        help="instead: the compiled inference solve against hand-written "
+                             "while loops with 1..5 of core's per-step duties (tanh problems)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path)
@@ -344,6 +445,9 @@ def main(argv=None):
         return
     if args.floor:
         floor(args)
+        return
+    if args.ladder:
+        ladder(args)
         return
     inductor_options = inductor_options_of(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, solver {args.solver}, "
