@@ -248,6 +248,7 @@ class FixedPointProblem:
         out = while_loop(running, body, carried)
         k = out[0]
         final = tracker.replica(out[1 + n_state:1 + n_state + n_track], k)
+        final.settle(first=2)
         rest = out[1 + n_state + n_track:]
         for i, cap, flag in zip(later, rest[:len(later)], rest[len(later):]):
             captured[i] = torch.where(flag, cap, final.best)

@@ -424,6 +424,7 @@ class SyncFreeTracker:
         self.nfe = 0
         self.max_iter = max_iter
         self.check_every = check_every if not return_final else 0
+        self.in_loop = False  # observing a while loop's steps (`replica`, `settle`)
 
     @property
     def done(self) -> bool:
@@ -445,8 +446,11 @@ class SyncFreeTracker:
     # `limit`, fixed after step 1, is read by the loop's body as a constant. The trace is
     # not carried: the loop's body writes its row in place (`observe`), where a carried
     # trace would be copied whole at every step (with the default 40 steps and batch 512,
-    # a sixth of a compiled training step of the small tanh layer, measured).
-    CARRIED = ("best", "lowest", "lowest_step", "active", "caught")
+    # a sixth of a compiled training step of the small tanh layer, measured). Nor are
+    # `lowest_step` and `caught`: `settle` reads them off the trace after the loop (two
+    # fewer tensors to allocate and update a step: about a tenth of the compiled tanh
+    # d=32 inference solve, measured; `compile_step.py --ladder` prices each duty).
+    CARRIED = ("best", "lowest", "active")
 
     def carry(self) -> tuple:
         """The tracker's changing tensors, for a `torch.while_loop` (after step 1)."""
@@ -464,10 +468,32 @@ class SyncFreeTracker:
         while loop's body may change only objects it made."""
         twin = SyncFreeTracker.__new__(SyncFreeTracker)
         for name in ("batch", "tol", "stop_row", "return_final", "max_iter", "check_every", "nfe",
-                     "limit", "trace"):
+                     "limit", "trace", "lowest_step", "caught"):
             setattr(twin, name, getattr(self, name))
         twin.load(tensors, k)
+        twin.in_loop = True
         return twin
+
+    def settle(self, first: int) -> None:
+        """After a while loop whose steps `first`..`steps` (`steps` a 0-dim tensor) were
+        observed in the loop: `lowest_step` and `caught` from the trace, as `observe`
+        would have updated them step by step.
+
+        A sample's trace row is its residuals while it is active, else its lowest ones,
+        which passed the divergence limit. So it was caught in the loop iff some row of
+        those steps fails the limit (NaN included), and its lowest stop residual, strictly
+        lower than every earlier one, first appears in the trace at the step that gave it
+        (rows of later steps may repeat it); none below INIT_RESIDUAL: never improved."""
+        trace, steps = self.trace, self.steps
+        index = torch.arange(trace.shape[0], device=trace.device).unsqueeze(1)
+        observed = (index >= first) & (index <= steps)
+        failed = ~(trace[:, 0] <= self.limit) & observed
+        self.caught = self.caught | failed.any(dim=0)
+        lowest = self.lowest[self.stop_row]
+        hits = (trace[:, self.stop_row] == lowest) & (index <= steps)
+        step = torch.where(hits, index, trace.shape[0]).amin(dim=0).to(self.lowest_step.dtype)
+        self.lowest_step = torch.where(lowest < INIT_RESIDUAL, step, self.lowest_step)
+        self.in_loop = False
 
     def observe(self, k, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
@@ -498,10 +524,11 @@ class SyncFreeTracker:
             self.trace[k] = row
             step = float(k)
         self.active = still_active
-        self.caught = self.caught | (active & ~ok)
         self.steps = k
         self.lowest = torch.where(improved, new, self.lowest)
-        self.lowest_step = torch.where(improved, step, self.lowest_step)
+        if not self.in_loop:  # in a while loop: `settle` after it
+            self.caught = self.caught | (active & ~ok)
+            self.lowest_step = torch.where(improved, step, self.lowest_step)
         self.best = torch.where(improved.unsqueeze(1), state, self.best)
 
     def info(self) -> SolverStat:
