@@ -175,6 +175,18 @@ def timed(fn, repeats):
     return times
 
 
+def interleaved_ms(fns, repeats):
+    """{name: median ms} of the callables `fns`, run in turn `repeats` times after two
+    warm-up calls each (the compiled ones compile there)."""
+    for fn in fns.values():
+        fn(), fn()
+    samples = {kind: [] for kind in fns}
+    for _ in range(repeats):
+        for kind, fn in fns.items():
+            samples[kind] += timed(fn, 1)
+    return {kind: 1e3 * statistics.median(s) for kind, s in samples.items()}
+
+
 def inductor_options_of(args):
     """torch.compile's ``options`` from `--cpp-wrapper` and `--inductor-option K=V` (V: an
     int or a Python literal, e.g. ``cpp.use_decompose_tanh=True``); None when none."""
@@ -292,13 +304,7 @@ def floor(args):
 
         fns = {"eager solve": cases["core"][1], "eager cell": no_grad(cells),
                "compiled solve": cases["compiled"][1], "compiled cell": no_grad(compiled_cells)}
-        for fn in fns.values():  # warm-up; the compiled ones compile here
-            fn(), fn()
-        samples = {kind: [] for kind in fns}
-        for _ in range(args.repeats):
-            for kind, fn in fns.items():
-                samples[kind] += timed(fn, 1)
-        ms = {kind: 1e3 * statistics.median(s) for kind, s in samples.items()}
+        ms = interleaved_ms(fns, args.repeats)
         print(f"| {problem} | {nfe} | {ms['eager solve']:.2f} | {ms['eager cell']:.2f} | "
               f"{ms['compiled solve']:.2f} | {ms['compiled cell']:.2f} | "
               f"{ms['eager solve'] / ms['compiled solve']:.2f}x | "
@@ -390,13 +396,7 @@ def ladder(args):
         with torch.no_grad():  # the full ladder is core's solve: the same fixed point
             gap = (solve(x) - model(x)).abs().max().item()
         print(f"| {problem} | all rungs against core: max abs difference of z {gap:.1e} | | | |")
-        for fn in fns.values():  # warm-up; the compiled ones compile here
-            fn(), fn()
-        samples = {kind: [] for kind in fns}
-        for _ in range(args.repeats):
-            for kind, fn in fns.items():
-                samples[kind] += timed(fn, 1)
-        ms = {kind: 1e3 * statistics.median(s) for kind, s in samples.items()}
+        ms = interleaved_ms(fns, args.repeats)
         for kind in fns:
             print(f"| {problem} | {kind} | {nfe} | {ms[kind]:.2f} | "
                   f"{ms['core eager'] / ms[kind]:.2f}x |", flush=True)
