@@ -424,7 +424,6 @@ class SyncFreeTracker:
         self.nfe = 0
         self.max_iter = max_iter
         self.check_every = check_every if not return_final else 0
-        self.in_loop = False  # observing a while loop's steps (`replica`, `settle`)
 
     @property
     def done(self) -> bool:
@@ -471,7 +470,6 @@ class SyncFreeTracker:
                      "limit", "trace", "lowest_step", "caught"):
             setattr(twin, name, getattr(self, name))
         twin.load(tensors, k)
-        twin.in_loop = True
         return twin
 
     def settle(self, first: int) -> None:
@@ -493,14 +491,13 @@ class SyncFreeTracker:
         hits = (trace[:, self.stop_row] == lowest) & (index <= steps)
         step = torch.where(hits, index, trace.shape[0]).amin(dim=0).to(self.lowest_step.dtype)
         self.lowest_step = torch.where(lowest < INIT_RESIDUAL, step, self.lowest_step)
-        self.in_loop = False
 
     def observe(self, k, state: torch.Tensor, abs_res: torch.Tensor,
                 fx_norm: torch.Tensor, squared: bool = False) -> None:
         """Record step k, as `ConvergenceTracker.observe`. `k` may be a 0-dim tensor (in a
-        while loop): its trace row is then written in place. A while loop's body may change
-        a tensor made outside it only with grad mode off (torch 2.14), as the compiled
-        solves run."""
+        while loop): its trace row is then written in place, and `lowest_step` and `caught`
+        are left to `settle` after the loop. A while loop's body may change a tensor made
+        outside it only with grad mode off (torch 2.14), as the compiled solves run."""
         active = self.active
         abs_res, fx_norm = abs_res.reshape(-1), fx_norm.reshape(-1)
         if squared:
@@ -519,16 +516,13 @@ class SyncFreeTracker:
         row = torch.where(active, new, self.lowest)
         if torch.is_tensor(k):
             self.trace.index_copy_(0, k.reshape(1), row.unsqueeze(0))
-            step = k.to(self.lowest_step.dtype)
         else:
             self.trace[k] = row
-            step = float(k)
+            self.caught = self.caught | (active & ~ok)
+            self.lowest_step = torch.where(improved, float(k), self.lowest_step)
         self.active = still_active
         self.steps = k
         self.lowest = torch.where(improved, new, self.lowest)
-        if not self.in_loop:  # in a while loop: `settle` after it
-            self.caught = self.caught | (active & ~ok)
-            self.lowest_step = torch.where(improved, step, self.lowest_step)
         self.best = torch.where(improved.unsqueeze(1), state, self.best)
 
     def info(self) -> SolverStat:
