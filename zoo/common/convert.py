@@ -5,6 +5,8 @@ A TorchDEQ-zoo or upstream checkpoint is a bare state dict or a training checkpo
 holds one under ``state_dict`` (or ``model``); `checkpoint_weights` finds it. Weight norm
 is stored either as ``weight_g`` / ``weight_v`` or folded into ``weight``;
 `match_weight_norm` converts one into the other as the target state dict has it.
+A converted state dict loads strictly (`load_strictly`): what does not fit is an error
+that lists the missing, unexpected and mis-shaped keys.
 """
 from __future__ import annotations
 
@@ -53,3 +55,26 @@ def match_weight_norm(state: Mapping[str, torch.Tensor],
         if key.endswith("_g") and key in target and out[key].numel() == target[key].numel():
             out[key] = out[key].reshape(target[key].shape)
     return out
+
+
+def check_fits(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str) -> None:
+    """ValueError unless `state` has exactly the keys of `target`, each with its shape. The
+    message starts with `what` (e.g. "the checkpoint does not fit this IGNN (is model.size
+    right?)") and lists the missing, unexpected and mis-shaped keys, eight of each at most."""
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+                 for k in sorted(set(state) & set(target)) if state[k].shape != target[k].shape]
+    if missing or unexpected or misshaped:
+        def listed(label: str, items: list[str]) -> str:
+            more = f" ... ({len(items)} in all)" if len(items) > 8 else ""
+            return f"\n  {label}: {', '.join(items[:8])}{more}" if items else ""
+
+        raise ValueError(what + ":" + listed("missing", missing) + listed("unexpected", unexpected)
+                         + listed("mis-shaped", misshaped))
+
+
+def load_strictly(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """`model.load_state_dict(state, strict=True)` after `check_fits` (which names `what`)."""
+    check_fits(state, model.state_dict(), what)
+    model.load_state_dict(state, strict=True)

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import torch
 
+from zoo.common.convert import load_strictly
+
 PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
@@ -70,19 +72,7 @@ def ddpm_to_ours(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_ddpm_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Strictly loads a converted state dict; the error lists what does not fit."""
-    ours = model.state_dict()
-    state = ddpm_to_ours(state)
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    shapes = sorted(k for k in set(ours) & set(state) if tuple(ours[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
-        detail = "; ".join(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}" for k in shapes[:5])
-        raise ValueError("the DDPM checkpoint does not fit this model (is model.size right?): "
-                         f"missing {show(missing)}; unexpected {show(unexpected)}; mis-shaped {show(shapes)}"
-                         + (f" ({detail})" if detail else ""))
-    model.load_state_dict(state, strict=True)
+    load_strictly(model, ddpm_to_ours(state), "the DDPM checkpoint does not fit this model (is model.size right?)")
 
 
 def load_ddpm_checkpoint(model: torch.nn.Module, path: str | Path, ema: bool = False) -> None:

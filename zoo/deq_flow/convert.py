@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from zoo.common.convert import checkpoint_weights, strip_module_prefix
+from zoo.common.convert import checkpoint_weights, load_strictly, strip_module_prefix
 from zoo.common.convert import match_weight_norm as match_common_weight_norm
 
 __all__ = ["upstream_to_ours", "match_weight_norm", "load_torchdeq_checkpoint"]
@@ -73,16 +73,7 @@ def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
     """Loads an upstream DEQ-Flow checkpoint (a path or the loaded object) into `model`, strictly."""
     if not isinstance(source, Mapping):
         source = torch.load(source, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    state = match_weight_norm(upstream_to_ours(checkpoint_weights(source, "DEQ-Flow checkpoint")), target)
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    wrong = sorted((k, tuple(state[k].shape), tuple(target[k].shape))
-                   for k in set(state) & set(target) if state[k].shape != target[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"\n  {label}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
-                 if keys]
-        raise ValueError("the checkpoint does not fit this DEQFlow (is model.size right? B or H)" + "".join(parts))
-    model.load_state_dict(state, strict=True)
+    state = match_weight_norm(upstream_to_ours(checkpoint_weights(source, "DEQ-Flow checkpoint")),
+                              model.state_dict())
+    load_strictly(model, state, "the checkpoint does not fit this DEQFlow (is model.size right? B or H)")
     return model

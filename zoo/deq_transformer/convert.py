@@ -25,15 +25,18 @@ from typing import Dict, Mapping
 
 import torch
 
+from zoo.common.convert import check_fits, strip_module_prefix
+
 _SINGLE_BLOCK = re.compile(r"^func\.(dec_attn|pos_ff)\.(?!\d+\.)")
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Upstream keys -> the keys of `model.state_dict()`; shape mismatches and leftovers are errors."""
+    """Upstream keys -> the keys of `model.state_dict()`; missing, unexpected and mis-shaped keys are
+    a ValueError (`zoo.common.convert.check_fits`)."""
     ours = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = strip_module_prefix(key)
         key = _SINGLE_BLOCK.sub(lambda m: f"func.{m.group(1)}.0.", key)
         if key not in ours and key.endswith(".weight") and key[:-len("weight")] + "weight_v" in ours:
             stem = key[:-len("weight")]
@@ -43,14 +46,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module
             out[stem + "weight_g"] = torch.linalg.vector_norm(value, dim=dims, keepdim=True).reshape(g_shape)
             continue
         out[key] = value
-    unknown = sorted(set(out) - set(ours))
-    missing = sorted(set(ours) - set(out))
-    if unknown or missing:
-        raise KeyError(f"TorchDEQ checkpoint does not match the model: unexpected {unknown[:8]}, "
-                       f"missing {missing[:8]} (is the size / vocabulary / cutoffs right?)")
-    for key, value in out.items():
-        if tuple(value.shape) != tuple(ours[key].shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(ours[key].shape)}")
+    check_fits(out, ours, "TorchDEQ checkpoint does not match the model (is the size / vocabulary / cutoffs right?)")
     for i in range(len(model.crit.out_layers)):
         pairs = [(f"crit.out_layers.{i}.weight", f"word_emb.emb_layers.{i}.weight")]
         if i > 0:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from zoo.common.convert import checkpoint_weights, strip_module_prefix
+from zoo.common.convert import checkpoint_weights, load_strictly, strip_module_prefix
 
 DEAD = re.compile(r"^ignn\.\d+\.bias$")  # the reference layer's unused bias
 NORMED = ("W", "Omega_1", "Omega_2")
@@ -73,12 +73,5 @@ def load_torchdeq_checkpoint(model: nn.Module, path_or_state: Any, clip: float |
     target = model.state_dict()
     if any(k.endswith(".W_orig") for k in state) and not any(k.endswith(".W_orig") for k in target):
         state = fold_spectral_norm(state, clip)
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-                    for k in set(state) & set(target) if state[k].shape != target[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError("the checkpoint does not fit this IGNN (check model.size / model.widths and "
-                         f"deq.norm_type):\n  missing: {missing[:10]}\n  unexpected: {unexpected[:10]}\n"
-                         f"  mis-shaped: {shapes[:10]}")
-    model.load_state_dict(state, strict=True)
+    load_strictly(model, state, "the checkpoint does not fit this IGNN (check model.size / model.widths and "
+                  "deq.norm_type)")

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from zoo.common.convert import checkpoint_weights, match_weight_norm, strip_module_prefix
+from zoo.common.convert import checkpoint_weights, load_strictly, match_weight_norm, strip_module_prefix
 
 # (pattern, replacement) applied in order to each key (after the `module.` prefix is gone).
 KEY_RULES: tuple[tuple[str, str], ...] = (
@@ -64,18 +64,7 @@ def load_torchdeq_checkpoint(model: nn.Module, source: Any) -> nn.Module:
     """Loads a TorchDEQ-zoo MDEQ checkpoint (a path, or the loaded object) into `model`."""
     if not isinstance(source, Mapping):
         source = torch.load(source, map_location="cpu", weights_only=False)
-    target = model.state_dict()
-    state = match_weight_norm(torchdeq_to_ours(checkpoint_weights(source, "TorchDEQ MDEQ checkpoint")), target)
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    wrong = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
-    if missing or unexpected or wrong:
-        def listed(label, keys):
-            return f"\n  {label}: {keys[:8]}{' ...' if len(keys) > 8 else ''}" if keys else ""
-
-        shapes = [(k, tuple(state[k].shape), tuple(target[k].shape)) for k in wrong]
-        raise ValueError("TorchDEQ checkpoint does not fit this MDEQ (is model.size right?):"
-                         + listed("missing", missing) + listed("unexpected", unexpected)
-                         + listed("shape mismatch", shapes))
-    model.load_state_dict(state, strict=True)
+    state = match_weight_norm(torchdeq_to_ours(checkpoint_weights(source, "TorchDEQ MDEQ checkpoint")),
+                              model.state_dict())
+    load_strictly(model, state, "TorchDEQ checkpoint does not fit this MDEQ (is model.size right?)")
     return model

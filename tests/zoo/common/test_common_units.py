@@ -16,6 +16,7 @@ from zoo.common import (CheckpointManager, ClockedSchedule, MissingDataError, Re
                         load_checkpoint, require_files)
 from zoo.common.checkpoint import rng_state, set_rng_state
 from zoo.common.config_check import check_runtime_options
+from zoo.common.convert import check_fits, load_strictly
 from zoo.common.hydra_main import CONFIGS_DIR
 
 TOY = Path(__file__).parent / "toy_project"
@@ -181,6 +182,28 @@ def test_checkpoints_keep_last_k_and_skip_a_truncated_one(tmp_path):
     (tmp_path / "step_00000009.pt").write_bytes(data)  # no sidecar: an interrupted write
     assert latest_valid(tmp_path).name == "step_00000002.pt"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_strict_load_lists_what_does_not_fit():
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)])  # keys 0.weight .. 4.bias
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.weight"] = torch.zeros(3, 2)
+    state["extra"] = torch.zeros(1)
+    fitting = dict(state, **{"0.weight": torch.ones(2, 2)})
+    del fitting["extra"]
+    load_strictly(model, fitting, "toy")
+    assert torch.equal(model[0].weight, torch.ones(2, 2))
+    missing = {k: v for k, v in state.items() if not k.endswith("bias")}
+    with pytest.raises(ValueError) as error:
+        check_fits(missing, model.state_dict(), "the checkpoint does not fit this toy")
+    assert str(error.value) == ("the checkpoint does not fit this toy:"
+                                "\n  missing: 0.bias, 1.bias, 2.bias, 3.bias, 4.bias"
+                                "\n  unexpected: extra"
+                                "\n  mis-shaped: 0.weight: checkpoint (3, 2) vs model (2, 2)")
+    wide = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(9)])
+    with pytest.raises(ValueError, match=r"missing: 0.bias, 0.weight, 1.bias, 1.weight, 2.bias, 2.weight, "
+                                         r"3.bias, 3.weight \.\.\. \(18 in all\)$"):
+        check_fits({}, wide.state_dict(), "empty")
 
 
 def test_rng_state_round_trip():

@@ -59,10 +59,10 @@ def test_weight_norm_folds_into_a_model_without_norm(torchdeq_state_dict):
 
 def test_wrong_size_is_an_error_listing_the_keys(torchdeq_state_dict):
     state = torchdeq_state_dict(get_size("tiny"))
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match="mis-shaped"):
         load_torchdeq_checkpoint(MDEQ(get_size("tiny", channels=(16, 16))), state)
     without_stage0 = {k: v for k, v in torchdeq_state_dict(get_size("large")).items() if "stage0" not in k}
-    with pytest.raises(ValueError, match=r"missing: \['injection"):
+    with pytest.raises(ValueError, match=r"missing: injection"):
         load_torchdeq_checkpoint(MDEQ("large"), without_stage0)
 
 
