@@ -3,11 +3,11 @@
 A row is one test-time budget: ``{"iterations": k, <metric>: .., "abs_residual": ..,
 "rel_residual": .., "nfe": ..}``. `sweep_rows` evaluates a callable per budget,
 `format_sweep` prints the rows as a table and `save_sweep` writes ``nfe_sweep.json`` and
-``nfe_sweep.png`` (the metric and the mean relative residual against the budget)::
+``nfe_sweep.png`` (the metric and the mean relative residual against the budget);
+`report_sweep` does both in a run's main process::
 
     rows = sweep_rows(cfg.eval.sweep_iterations, lambda k: evaluate(model, f_max_iter=k))
-    print(format_sweep(rows, ["top1"]))
-    save_sweep(rows, run.out_dir, metric="top1", metric_label="top-1 accuracy (%)", title="MDEQ")
+    report_sweep(rows, run, metric="top1", metric_label="top-1 accuracy (%)", title="MDEQ")
 """
 from __future__ import annotations
 
@@ -77,3 +77,12 @@ def save_sweep(rows: Sequence[Mapping[str, float]], out_dir: Path | str, *, metr
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
+
+
+def report_sweep(rows: Sequence[Mapping[str, float]], run: Any, *, metric: str, metric_label: str,
+                 title: str) -> None:
+    """In the main process of `run` (a `zoo.common.Run`): prints the rows with `metric` as
+    their column and saves them into ``run.out_dir`` (`save_sweep`)."""
+    if run.is_main:
+        print(format_sweep(rows, [metric]))
+        save_sweep(rows, run.out_dir, metric=metric, metric_label=metric_label, title=title)

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zoo.common import evaluate_checkpoint, zoo_main
-from zoo.common.sweep import format_sweep, residual_summary, save_sweep
+from zoo.common.sweep import report_sweep, residual_summary, sweep_rows
 from zoo.deq_ddim.convert import load_ddpm_checkpoint
 from zoo.deq_ddim.diffusion import DTYPES, Schedule, ddim_sample
 from zoo.deq_ddim.sampler import DEQSampler
@@ -54,14 +54,13 @@ def evaluate_sampler(model: torch.nn.Module, run) -> dict:
     out = {"eval/max_abs_diff": diff, "eval/deq_time_s": deq_time, "eval/sequential_time_s": seq_time,
            "eval/latents": schedule.num_latents, "deq_info": info}
     if cfg.eval.get("sweep"):
-        rows = []
-        for budget in cfg.eval.sweep_iterations:
-            d, info_k, _ = solve({"f_max_iter": int(budget)})
-            rows.append({"iterations": int(budget), "max_abs_diff": d, **residual_summary(info_k)})
-        if run.is_main:
-            print(format_sweep(rows, ["max_abs_diff"]))
-            save_sweep(rows, run.out_dir, metric="max_abs_diff", metric_label="max |x_0(DEQ) - x_0(DDIM)|",
-                       title=f"DEQ-DDIM T={schedule.num_latents}")
+        def at_budget(budget: int) -> dict[str, float]:
+            d, info_k, _ = solve({"f_max_iter": budget})
+            return {"max_abs_diff": d, **residual_summary(info_k)}
+
+        rows = sweep_rows(cfg.eval.sweep_iterations, at_budget)
+        report_sweep(rows, run, metric="max_abs_diff", metric_label="max |x_0(DEQ) - x_0(DDIM)|",
+                     title=f"DEQ-DDIM T={schedule.num_latents}")
         out["nfe_sweep"] = rows
     return out
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from zoo.common import ClockedSchedule, Run, build_optimizer, build_scheduler, zoo_main
-from zoo.common.sweep import format_sweep, residual_summary, save_sweep, sweep_rows
+from zoo.common.sweep import report_sweep, residual_summary, sweep_rows
 from zoo.deq_flow.data import EvalSet, FlowData, build_datasets, collate_pairs
 from zoo.deq_flow.metrics import FlowMeter, flow_loss
 from zoo.deq_flow.model import DEQFlow, InputPadder, RAFTBaseline, get_size
@@ -165,11 +165,9 @@ def final_reports(model: torch.nn.Module, data: FlowData, cfg: DictConfig, run: 
         rows = iteration_sweep(model, data.evals[0], run.device, list(cfg.eval.sweep_iterations),
                                int(cfg.train.eval_batch_size))
         extra["nfe_sweep"] = rows
-        if run.is_main:
-            print(format_sweep(rows, ["aepe"]))
-            label = "solver iterations" if is_deq else "RAFT updates"
-            save_sweep(rows, run.out_dir, metric="aepe", metric_label=f"{data.evals[0].name} AEPE (px)",
-                       title=f"{'DEQ-Flow' if is_deq else 'RAFT'} {run.experiment} ({label})")
+        label = "solver iterations" if is_deq else "RAFT updates"
+        report_sweep(rows, run, metric="aepe", metric_label=f"{data.evals[0].name} AEPE (px)",
+                     title=f"{'DEQ-Flow' if is_deq else 'RAFT'} {run.experiment} ({label})")
     if cfg.eval.get("warm_start_check") and data.sequences is not None and is_deq:
         extra["warm_start"] = warm_start_check(model, data.sequences, run.device, int(cfg.train.eval_batch_size),
                                                int(cfg.eval.warm_start_budget), float(cfg.eval.warm_start_tol))

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zoo.common import evaluate_checkpoint, zoo_main
-from zoo.common.sweep import format_sweep, residual_summary, save_sweep, sweep_rows
+from zoo.common.sweep import report_sweep, residual_summary, sweep_rows
 from zoo.deq_inr.data import build_datasets
 from zoo.deq_inr.train import build_model, evaluate_signal
 
@@ -52,10 +52,7 @@ def measure(model: torch.nn.Module, run: Any) -> dict[str, Any]:
             return {"psnr": m["test/psnr"], **residual_summary(m["deq_info"])}
 
         rows = sweep_rows(cfg.eval.sweep_iterations, at_budget)
-        if run.is_main:
-            print(format_sweep(rows, ["psnr"]))
-            save_sweep(rows, run.out_dir, metric="psnr", metric_label="test PSNR (dB)",
-                       title=f"DEQ-INR {signal.name}")
+        report_sweep(rows, run, metric="psnr", metric_label="test PSNR (dB)", title=f"DEQ-INR {signal.name}")
         out["nfe_sweep"] = rows
     return out
 

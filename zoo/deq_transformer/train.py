@@ -173,16 +173,15 @@ def test_time_report(model, corpus: Corpus, run: Run, split: str) -> Dict[str, A
     base = baselines(corpus, split) if ev.get("baselines") else {}
     out.update(base)
     if ev.get("sweep"):
-        from zoo.common.sweep import format_sweep, save_sweep
+        from zoo.common.sweep import report_sweep
 
         rows = iteration_sweep(model, ids, run.device, ev, tgt_len, mem_len, ev.sweep_iterations)
         out["nfe_sweep"] = rows
         if ev.get("sweep_mem_lens"):
             out["mem_len_sweep"] = mem_len_sweep(model, ids, run.device, ev, tgt_len, ev.sweep_mem_lens)
+        report_sweep(rows, run, metric="ppl", metric_label=f"{split} perplexity",
+                     title=f"DEQ Transformer {run.experiment}")
         if run.is_main:
-            print(format_sweep(rows, ["ppl"]))
-            save_sweep(rows, run.out_dir, metric="ppl", metric_label=f"{split} perplexity",
-                       title=f"DEQ Transformer {run.experiment}")
             save_ppl_plot(rows, run.out_dir / "ppl_vs_iterations.png", base.get(f"{split}/kn_bigram_ppl"),
                           f"DEQ Transformer {run.experiment}: {split} perplexity")
             for row in out.get("mem_len_sweep", []):

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from zoo.common import evaluate_checkpoint, zoo_main
-from zoo.common.sweep import format_sweep, residual_summary, save_sweep, sweep_rows
+from zoo.common.sweep import report_sweep, residual_summary, sweep_rows
 from zoo.ignn.convert import load_torchdeq_checkpoint
 from zoo.ignn.data import build_datasets
 from zoo.ignn.train import build_model, evaluate_split, format_distance_table, plot_accuracy_by_distance
@@ -49,10 +49,8 @@ def measure(model: torch.nn.Module, run: Any) -> dict[str, Any]:
             return {metric: scores[metric], **residual_summary(budget_info)}
 
         sweep = sweep_rows(cfg.eval.sweep_iterations, at_budget)
-        if run.is_main:
-            print(format_sweep(sweep, [metric]))
-            label = "test accuracy (%)" if metric == "acc" else "test micro-F1 (%)"
-            save_sweep(sweep, run.out_dir, metric=metric, metric_label=label, title=f"IGNN {run.experiment}")
+        label = "test accuracy (%)" if metric == "acc" else "test micro-F1 (%)"
+        report_sweep(sweep, run, metric=metric, metric_label=label, title=f"IGNN {run.experiment}")
         out["nfe_sweep"] = sweep
     return out
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from zoo.common import evaluate_checkpoint, zoo_main
-from zoo.common.sweep import format_sweep, residual_summary, save_sweep, sweep_rows
+from zoo.common.sweep import report_sweep, residual_summary, sweep_rows
 from zoo.mdeq.convert import load_torchdeq_checkpoint
 from zoo.mdeq.data import build_datasets
 from zoo.mdeq.train import build_model, evaluate_topk
@@ -53,10 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out = {**metrics, "deq_info": info}
         if c.eval.get("sweep"):
             rows = iteration_sweep(model, test, run.device, c.eval.sweep_iterations, c.train.eval_batch_size)
-            if run.is_main:
-                print(format_sweep(rows, ["top1"]))
-                save_sweep(rows, run.out_dir, metric="top1", metric_label="top-1 accuracy (%)",
-                           title=f"MDEQ {run.experiment}")
+            report_sweep(rows, run, metric="top1", metric_label="top-1 accuracy (%)", title=f"MDEQ {run.experiment}")
             out["nfe_sweep"] = rows
         return out
 
