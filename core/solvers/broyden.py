@@ -131,20 +131,31 @@ def _iterate(p: FixedPointProblem, tracker, captured: dict, ring: "_PairRing"):
             step = ring.add_and_step(fx, fx_prev, (x, x_prev) if low_precision else None)
         x_prev, fx_prev = x, fx
     if peel and p.max_iter > 1:  # step 1's step is g, already s_0 in row 0
-        return p.while_active(tracker, captured, (x, g, fx),
+        # the pair before step 2 is a dummy, never read (`_step`)
+        state = (x, g, fx, torch.zeros_like(fx)) + ((torch.zeros_like(x),) if low_precision else ())
+        return p.while_active(tracker, captured, state,
                               lambda k, t, state: _step(p, t, k, state, ring))
     return tracker, None
 
 
 def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_PairRing") -> tuple:
-    """Step k (a 0-dim tensor) of a compiled solve's while loop: `_iterate`'s step on the
-    carried iterate x, step and f(x) of the last step; the ring's memory and K are written
-    in place (`_PairRing.add_and_step_at`). The next step is computed even at k = max_iter
-    (the loop then ends; it is not used)."""
-    x_prev, step, fx_prev = state
+    """Step k (a 0-dim tensor) of a compiled solve's while loop: the Broyden step from step
+    k - 1's iterate x, residual g, f(x) and pair p = f(x) - f(x_prev) (and s = x - x_prev in
+    low precision), as `_iterate` computes it after step k - 1, then step k's `func` call.
+    The ring's memory and K are written in place (`_PairRing.add_and_step_at`). The step
+    comes first in the body, as Anderson's mixing does, so that the iteration that ends the
+    loop does not solve for a step nobody takes (computed last, one ring step of the 11 of
+    a tanh32 solve was wasted).
+
+    At k = 2 no pair is stored yet: `add_and_step_at` with count -1 uses no slot and
+    returns g (the dummy pair it writes into the last slot is rewritten before that slot
+    is read)."""
     wdt = p.work_dtype
+    low_precision = wdt != p.dtype
+    x_prev, g_prev, fx_prev, p_new = state[:4]
+    step = ring.add_and_step_at(k - 3, g_prev, p_new, state[4] if low_precision else None)
     x = t.freeze(x_prev + step, x_prev)
-    if wdt != p.dtype:
+    if low_precision:
         x_state = x.to(p.dtype)
         x = x_state.to(wdt)
         fx = p.call_pure(x_state).to(wdt)
@@ -154,8 +165,7 @@ def _step(p: FixedPointProblem, t, k, state: tuple, ring: "_PairRing") -> tuple:
     g = fx - x
     t.observe(k, x_state, torch.linalg.vector_norm(g, dim=1, dtype=p.norm_dtype),
               torch.linalg.vector_norm(fx, dim=1, dtype=p.norm_dtype))
-    step = ring.add_and_step_at(k - 2, g, fx, fx_prev, (x, x_prev) if wdt != p.dtype else None)
-    return x, step, fx
+    return (x, g, fx, fx - fx_prev) + ((x - x_prev,) if low_precision else ())
 
 
 class _PairRing:
@@ -289,9 +299,12 @@ class _PairRing:
             self.rows[0].copy_(step)
         return step
 
-    def add_and_step_at(self, count: torch.Tensor, g, fx, fx_prev, states=None):
+    def add_and_step_at(self, count: torch.Tensor, g, p_new, s_new=None):
         """`add_and_step` in a compiled solve's while loop: `count` (a 0-dim tensor) pairs
-        are stored, g = f(x) - x is this step's residual. Writes the new pair, its row and
+        are stored, g = f(x) - x is this step's residual, p_new = f(x) - f(x_prev) the new
+        pair's p and s_new = x - x_prev its s (None: the last step, in place). At count -1 (before step 2, no
+        pair yet) the step is g: no slot is in use, and the pair written into the last
+        slot is rewritten before it is read. Writes the new pair, its row and
         column of K and the step into the memory and K in place, and returns the step.
 
         In place: a while loop's body may change a tensor made outside it with grad mode
@@ -310,10 +323,8 @@ class _PairRing:
         slot = count % slots
         base = 2 * slot
         full = count + 1 > self.m
-        p_new = fx - fx_prev
         memory.index_copy_(0, (base + 1).reshape(1), p_new.unsqueeze(0))
-        if states is not None:
-            s_new = states[0] - states[1]
+        if s_new is not None:
             memory.index_copy_(0, base.reshape(1), s_new.unsqueeze(0))
         else:
             s_new = memory.index_select(0, base.reshape(1)).squeeze(0)
