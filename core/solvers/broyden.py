@@ -302,9 +302,9 @@ class _PairRing:
     def add_and_step_at(self, count: torch.Tensor, g, p_new, s_new=None):
         """`add_and_step` in a compiled solve's while loop: `count` (a 0-dim tensor) pairs
         are stored, g = f(x) - x is this step's residual, p_new = f(x) - f(x_prev) the new
-        pair's p and s_new = x - x_prev its s (None: the last step, in place). At count -1 (before step 2, no
-        pair yet) the step is g: no slot is in use, and the pair written into the last
-        slot is rewritten before it is read. Writes the new pair, its row and
+        pair's p and s_new = x - x_prev its s (None: the last step, in place). At count -1
+        (before step 2, no pair yet) the step is g: no slot is in use, and the pair written
+        into the last slot is rewritten before it is read. Writes the new pair, its row and
         column of K and the step into the memory and K in place, and returns the step.
 
         In place: a while loop's body may change a tensor made outside it with grad mode
