@@ -40,10 +40,10 @@ s is the difference of the rounded states, not the step. There is no line search
 
 Under torch.compile (no autograd, on CPU by default) steps 2..max_iter are one
 `torch.while_loop` that stops when no sample is active (`FixedPointProblem.while_active`):
-the ring slot is a tensor there, the ring and K are written in place, and opaque
-operators that read the number of slots in use on the host form the products with the
-ring and solve K over those slots only, as the eager loop does, the spare masked once
-the ring is full (`_PairRing.add_and_step_at`).
+the ring slot is a tensor there, the ring and K are written in place, and one opaque
+operator that reads the number of slots in use on the host forms the products with the
+ring, solves K and mixes the step over those slots only, as the eager loop does, the
+spare masked once the ring is full (`_PairRing.add_and_step_at`, `_ring_step`).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ import torch
 from .problem import FixedPointProblem
 from . import workspace
 from .registry import register_solver
-from .stat import finite_on_host, host_solve, is_narrow, row_mix, solve_leading, solves_on_host
+from .stat import finite_on_host, host_solve, is_narrow, row_mix, solve_small, solves_on_host
 
 __all__ = ["broyden"]
 
@@ -312,35 +312,24 @@ class _PairRing:
         (2(m + 1) + 1 rows of (B, D)) was copied at every step, and at m = 20 that copy
         cost three times the rest of the step (tanh d=32, batch 512, measured).
 
-        K (B, m + 1, m + 1) has static shape, but the products with the ring and K's
-        solve read only the slots in use (`_ring_dots`, `_ring_mix`,
-        `stat.solve_leading`), so the rows and entries not written yet are never read;
-        once the ring is full the spare is masked as in `add_and_step`, a unit row and
-        column and a zero right-hand side, so its coefficient is exactly 0. The g row of
-        the memory is not written (only its dots with the masked slot would read it): the
-        step goes there."""
-        memory, system, slots = self.memory, self.system, self.slots
-        slot = count % slots
+        K (B, m + 1, m + 1) has static shape, but one opaque operator (`_ring_step`) forms
+        the products with the ring and solves K over the slots in use only, as the eager
+        loop does, so the rows and entries not written yet are never read; once the ring
+        is full the spare is masked as in `add_and_step`. The g row of the memory is not
+        written (only its dots with the masked slot would read it): the step goes there."""
+        memory, system = self.memory, self.system
+        slot = count % self.slots
         base = 2 * slot
-        full = count + 1 > self.m
         memory.index_copy_(0, (base + 1).reshape(1), p_new.unsqueeze(0))
         if s_new is not None:
             memory.index_copy_(0, base.reshape(1), s_new.unsqueeze(0))
         else:
             s_new = memory.index_select(0, base.reshape(1)).squeeze(0)
         stage = torch.stack((s_new, p_new, g), dim=1)  # s, p, g: (B, 3, D)
-        # the slots in use: count + 1 pairs in slots 0..count, all of them once full
-        in_use = torch.clamp(count + 1, max=slots)
-        dots = _ring_dots(stage, memory, in_use)  # (B, 3, 2 slots), zero past the slots in use
+        step, k_row, k_column = _ring_step(stage, memory, system, count)
         index = slot.reshape(1)
-        system.index_copy_(1, index, dots[:, 0:1, 1::2])  # s . p_j
-        system.index_copy_(2, index, (dots[:, 1, 0::2] - dots[:, 0, 0::2]).unsqueeze(2))
-        spare = torch.where(full, (slot + 1) % slots, -1)  # its coefficient is 0
-        coeffs = solve_leading(system, dots[:, 2, 0::2].unsqueeze(2), in_use, spare)
-        coeffs = coeffs.transpose(1, 2)
-        total = coeffs.sum(dim=2, keepdim=True)
-        coeffs = torch.where((total - total) == self.zero, coeffs, self.zero)
-        step = g - _ring_mix(coeffs, memory, in_use)
+        system.index_copy_(1, index, k_row)
+        system.index_copy_(2, index, k_column)
         # the step is the next s: row 2 slot + 2, and row 0 too when that is the last row
         # (the same rows twice when it is not: index_copy_ then writes equal values)
         rows = torch.stack((base + 2, torch.where(slot == self.m, 0, base + 2)))
@@ -350,39 +339,56 @@ class _PairRing:
 
 # A compiled solve's shapes are static, but the ring's slots fill one a step: reading the
 # whole ring (2(m + 1) rows of (B, D)) at every step, where eager mode reads the 2n rows in
-# use, made the compiled conv cell's Broyden 3x slower than eager (the products are
-# bound by memory traffic). These two opaque operators read the number of slots in use
-# on the host, as the eager loop knows it, and touch only those rows.
+# use, made the compiled conv cell's Broyden 3x slower than eager (the products are bound
+# by memory traffic), and so did solving the whole (m + 1, m + 1) K while a few slots were
+# in use. This opaque operator reads on the host how many slots are in use, as the eager
+# loop knows it, and touches only those. One operator for the products, the solve and the
+# mix: three (each a dispatch, a Python call and a fused kernel between them) cost about
+# 0.1 ms more per compiled tanh32 solve of 11 steps (measured).
 
-@torch.library.custom_op("core::broyden_ring_dots", mutates_args=())
-def _ring_dots(stage: torch.Tensor, memory: torch.Tensor, in_use: torch.Tensor) -> torch.Tensor:
-    """[s; p; g] (B, 3, D) . [s_0, p_0, s_1, ...] over the first `in_use` slots of the
-    ring `memory` (rows of (B, D)): (B, 3, 2 slots), zero past them."""
-    slots = (memory.shape[0] - 1) // 2
-    n = 2 * min(int(in_use), slots)
-    # a new tensor, padded: bmm into a strided `out=` view of the result made the compiled
-    # tanh32 solve 2-3x slower (measured)
-    dots = torch.bmm(stage, memory[:n].permute(1, 2, 0))
-    return torch.nn.functional.pad(dots, (0, 2 * slots - n))
+@torch.library.custom_op("core::broyden_ring_step", mutates_args=())
+def _ring_step(stage: torch.Tensor, memory: torch.Tensor, system: torch.Tensor,
+               count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Broyden step of a compiled solve with `count` (a 0-dim tensor) + 1 pairs stored.
+
+    `stage` (B, 3, D) is [s; p; g]: the newest pair, already in slot `count` % slots of the
+    ring `memory` (rows of (B, D) as `_PairRing`'s), and this step's residual; `system` is
+    K before that pair. Returns (step, K's new row (B, 1, slots), its new column (B,
+    slots, 1)), the row and column zero past the slots in use. Reads only the slots in use
+    (count + 1, all of them once full, the spare then masked); at count -1 (no pair yet)
+    the step is g."""
+    batch, slots = system.shape[0], system.shape[1]
+    pairs = int(count) + 1
+    k_row = stage.new_zeros(batch, 1, slots)
+    k_column = stage.new_zeros(batch, slots, 1)
+    g = stage[:, 2]
+    if pairs <= 0:
+        return g.clone(), k_row, k_column
+    slot, n = (pairs - 1) % slots, min(pairs, slots)
+    dots = torch.bmm(stage, memory[:2 * n].permute(1, 2, 0))  # (B, 3, 2n): [s; p; g] . [s_0, p_0, ...]
+    k_row[:, 0, :n] = dots[:, 0, 1::2]  # s . p_j
+    k_column[:, :n, 0] = dots[:, 1, 0::2] - dots[:, 0, 0::2]  # s_j . p - s_j . s, the diagonal too
+    k = system[:, :n, :n].clone()
+    k[:, slot] = k_row[:, 0, :n]
+    k[:, :, slot] = k_column[:, :n, 0]
+    rhs = dots[:, 2, 0::2].unsqueeze(2)  # S^T g
+    if pairs >= slots:  # full: the spare's coefficient is 0, whatever its stale entries
+        spare = (slot + 1) % slots
+        k[:, spare], k[:, :, spare], k[:, spare, spare] = 0.0, 0.0, 1.0
+        rhs = rhs.clone()
+        rhs[:, spare] = 0.0
+    coeffs = solve_small(k, rhs).transpose(1, 2)  # (B, 1, n)
+    if not finite_on_host(coeffs):  # a singular K: that sample takes the plain step g
+        total = coeffs.sum(dim=2, keepdim=True)
+        coeffs = torch.where((total - total) == 0.0, coeffs, 0.0)
+    return g - row_mix(coeffs, memory[1:2 * n:2].transpose(0, 1)).squeeze(1), k_row, k_column
 
 
-@_ring_dots.register_fake
-def _ring_dots_shape(stage, memory, in_use):
-    return stage.new_empty(stage.shape[0], 3, memory.shape[0] - 1)
-
-
-@torch.library.custom_op("core::broyden_ring_mix", mutates_args=())
-def _ring_mix(coeffs: torch.Tensor, memory: torch.Tensor, in_use: torch.Tensor) -> torch.Tensor:
-    """sum_i coeffs_i p_i (B, D) over the first `in_use` slots of the ring; coeffs (B, 1,
-    slots)."""
-    slots = (memory.shape[0] - 1) // 2
-    n = min(int(in_use), slots)
-    return row_mix(coeffs[:, :, :n], memory[1:2 * n:2].transpose(0, 1)).squeeze(1)
-
-
-@_ring_mix.register_fake
-def _ring_mix_shape(coeffs, memory, in_use):
-    return memory.new_empty(memory.shape[1:])
+@_ring_step.register_fake
+def _ring_step_shape(stage, memory, system, count):
+    batch, slots = system.shape[0], system.shape[1]
+    return (stage.new_empty(batch, stage.shape[2]), stage.new_empty(batch, 1, slots),
+            stage.new_empty(batch, slots, 1))
 
 
 register_solver("broyden", broyden)

@@ -122,37 +122,13 @@ def host_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     return x if _all_finite(x) else None
 
 
-@torch.library.custom_op("core::solve_leading", mutates_args=())
-def solve_leading(system: torch.Tensor, rhs: torch.Tensor, count: torch.Tensor,
-                  unit: torch.Tensor) -> torch.Tensor:
-    """x (B, N, 1) of (B, N, N) systems over their leading n = min(count, N) rows and
-    columns (a ring of N slots, `count` of them in use): x[:, :n] solves the leading
-    block, with row and column `unit` of it (if 0 <= unit < n; else none) taken as a unit
-    row and column with a zero right-hand side, and x is 0 there and past n. Entries
-    outside the block (and of the unit row and column) are never read.
-
-    An opaque operator for a compiled solve's while loop, where shapes are static: the
-    whole (N, N) LU at every step cost more than the rest of a Broyden step (N = 21)
-    while the ring fills. Run eagerly, it reads `count` and `unit`
-    on the host and solves as the eager solvers do (numpy up to `HOST_SOLVE_MAX_BATCH` on
-    CPU, else `solve_ex`); non-finite entries are the caller's to handle."""
-    n = min(int(count), system.shape[1])
-    a, b = system[:, :n, :n], rhs[:, :n]
-    skip = int(unit)
-    if 0 <= skip < n:
-        a, b = a.clone(), b.clone()
-        a[:, skip], a[:, :, skip], b[:, skip] = 0.0, 0.0, 0.0
-        a[:, skip, skip] = 1.0
-    out = torch.zeros_like(rhs)
+def solve_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x of the small systems a x = b (a (B, n, n), b (B, n, 1)) as the eager solvers solve
+    them: numpy's LU up to `HOST_SOLVE_MAX_BATCH` on CPU, else `solve_ex` (no error check,
+    no host sync); non-finite entries of x are the caller's to handle. For an opaque
+    operator's body, which runs eagerly inside a compiled graph."""
     solution = host_solve(a.numpy(), b.numpy()) if solves_on_host(a) else None
-    out[:, :n] = (torch.from_numpy(solution) if solution is not None
-                  else torch.linalg.solve_ex(a, b)[0])
-    return out
-
-
-@solve_leading.register_fake
-def _solve_leading_shape(system, rhs, count, unit):
-    return torch.empty_like(rhs)
+    return torch.from_numpy(solution) if solution is not None else torch.linalg.solve_ex(a, b)[0]
 
 
 def residuals(fz: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype):

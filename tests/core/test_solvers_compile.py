@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from core.solvers import anderson, broyden, fixed_point_iter
-from core.solvers.stat import solve_leading
+from core.solvers.broyden import _ring_step
 
 KEYS = ("abs_lowest", "rel_lowest", "nstep", "abs_trace", "rel_trace", "n_fallback")
 
@@ -116,35 +116,65 @@ def test_compiled_broyden_wraps_its_ring(m):
     assert torch.allclose(info["abs_trace"], eager[2]["abs_trace"], rtol=1e-3, atol=1e-7)
 
 
+def _good_broyden_step(s, p, g):
+    """g - P K^{-1} S^T g with K = S^T P - N, N_ij = s_i . s_j for i <= j: good Broyden's
+    step from B_0 = -I and the pairs (s_i, p_i), columns of S and P (B, D, n) oldest first."""
+    ks = s.transpose(1, 2) @ p - torch.triu(s.transpose(1, 2) @ s)
+    coeffs = torch.linalg.solve(ks, s.transpose(1, 2) @ g.unsqueeze(2))
+    return g - (p @ coeffs).squeeze(2)
+
+
 @pytest.mark.parametrize("batch", [8, 100], ids=["numpy", "solve_ex"])
-def test_solve_leading_solves_the_block_in_use(batch):
-    """`solve_leading` reads only the leading `count` rows and columns, less row and column
-    `unit`: NaN everywhere else (stale or never written entries) does not reach the
-    solution, which is that of the system with those rows and columns made unit rows and
-    columns with a zero right-hand side; eagerly (numpy up to 64 samples, else solve_ex)
-    and inside a compiled graph (count and unit tensors); a count past the size solves
-    the whole block."""
+def test_ring_step_reads_only_the_slots_in_use(batch):
+    """`_ring_step` (the compiled Broyden step, an opaque operator) with 1..6 pairs stored
+    in a ring of 4 slots (m = 3) gives good Broyden's step from the last min(pairs, 3)
+    pairs, whatever the ring and K hold outside the slots in use (NaN) and in the spare
+    once the ring is full (stale values): computed from the newest pair's row and column
+    of K, which it returns (zero past the slots in use; the row's diagonal entry is
+    overwritten by the column's), and the older pairs' entries;
+    eagerly (numpy up to 64 samples, else solve_ex) and inside a compiled graph."""
     gen = torch.Generator().manual_seed(3)
-    size = 6
-    for count, unit in ((1, -1), (4, -1), (4, 2), (6, 0), (6, 5), (9, 3)):
-        n = min(count, size)
-        system = torch.randn(batch, size, size, generator=gen) + 3 * torch.eye(size)
-        rhs = torch.randn(batch, size, 1, generator=gen)
-        used = torch.arange(size) < n
-        if unit >= 0:
-            used[unit] = False
-        masked = torch.where(used[:, None] & used[None, :], system, torch.eye(size))
-        expected = torch.linalg.solve(masked, torch.where(used[:, None], rhs, 0.0))
-        stale = torch.where(used[:, None] & used[None, :], system, float("nan"))
-        eager = solve_leading(stale, torch.where(used[:, None], rhs, float("nan")),
-                              torch.tensor(count), torch.tensor(unit))
-        assert torch.allclose(eager, expected, rtol=1e-4, atol=1e-5), (count, unit)
-        assert torch.all(eager[:, ~used] == 0)
+    slots, dim = 4, 5
+    for pairs in (1, 2, 3, 4, 6):
+        n, slot = min(pairs, slots), (pairs - 1) % slots
+        full = pairs >= slots
+        spare = (slot + 1) % slots if full else -1
+        order = [(slot + 1 + i) % slots for i in range(slots)] if full else list(range(n))
+        kept = [j for j in order if j != spare]  # oldest first
+        memory = torch.full((2 * slots + 1, batch, dim), float("nan"))
+        s = torch.randn(slots, batch, dim, generator=gen)
+        p = -0.5 * s + 0.3 * torch.randn(slots, batch, dim, generator=gen)
+        memory[0:2 * slots:2], memory[1:2 * slots:2] = s, p
+        g = torch.randn(batch, dim, generator=gen)
+        s_cols = torch.stack([s[j] for j in kept], dim=2)
+        p_cols = torch.stack([p[j] for j in kept], dim=2)
+        expected = _good_broyden_step(s_cols, p_cols, g)
+        k_kept = s_cols.transpose(1, 2) @ p_cols - torch.triu(s_cols.transpose(1, 2) @ s_cols)
+        system = torch.full((batch, slots, slots), float("nan"))
+        for a, i in enumerate(kept):
+            for b, j in enumerate(kept):
+                if slot not in (i, j):  # the newest pair's row and column: the operator's
+                    system[:, i, j] = k_kept[:, a, b]
+        if full:  # the spare holds a stale pair: finite, never used
+            memory[2 * spare:2 * spare + 2] = torch.randn(2, batch, dim, generator=gen)
+            system[:, spare] = torch.randn(batch, slots, generator=gen)
+            system[:, :, spare] = torch.randn(batch, slots, generator=gen)
+        stage = torch.stack((s[slot], p[slot], g), dim=1)
+        count = torch.tensor(pairs - 1)
+        step, k_row, k_column = _ring_step(stage, memory, system, count)
+        assert torch.allclose(step, expected, rtol=1e-4, atol=1e-4), pairs
+        newest = kept.index(slot)
+        for b, j in enumerate(kept):  # the diagonal entry is the column's
+            assert j == slot or torch.allclose(k_row[:, 0, j], k_kept[:, newest, b], atol=1e-5)
+            assert torch.allclose(k_column[:, j, 0], k_kept[:, b, newest], atol=1e-5)
+        assert torch.all(k_row[:, 0, n:] == 0) and torch.all(k_column[:, n:] == 0)
         torch._dynamo.reset()
-        compiled = torch.compile(lambda a, b, c, u: solve_leading(a, b, c + 0, u + 0),
+        compiled = torch.compile(lambda st, mem, k, c: _ring_step(st, mem, k, c + 0),
                                  fullgraph=True, backend="aot_eager")
-        assert torch.equal(compiled(stale, torch.where(used[:, None], rhs, float("nan")),
-                                    torch.tensor(count), torch.tensor(unit)), eager)
+        for got, want in zip(compiled(stage, memory, system, count), (step, k_row, k_column)):
+            assert torch.equal(got, want)
+    step, k_row, _ = _ring_step(stage, memory, system, torch.tensor(-1))  # no pair yet
+    assert torch.equal(step, g) and torch.all(k_row == 0)
 
 
 # max_iter 40: converged after about 10 steps; max_iter 7 (tol 1e-12): the budget ends
