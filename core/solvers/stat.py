@@ -424,7 +424,11 @@ class SyncFreeTracker:
     # a sixth of a compiled training step of the small tanh layer, measured). Nor are
     # `lowest_step` and `caught`: `settle` reads them off the trace after the loop (two
     # fewer tensors to allocate and update a step: about a tenth of the compiled tanh
-    # d=32 inference solve, measured; `compile_step.py --ladder` prices each duty).
+    # d=32 inference solve, measured; `compile_step.py --ladder` prices each duty). The
+    # other three must stay carried: written in place like the trace, with nothing but `k`
+    # and the iterate left as the loop's outputs, inductor (torch 2.14) removed the whole
+    # loop from the graph as unused and returned step 1's state (tanh d=32: 1.4 from
+    # eager's fixed point; aot_eager kept it and was exact).
     CARRIED = ("best", "lowest", "active")
 
     def carry(self) -> tuple:
